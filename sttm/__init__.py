@@ -12,7 +12,7 @@ and get back fewer, multi-granular tokens as a ``TokenSet``.
     >>> fixed.unmerge().shape
     torch.Size([8, 14, 14, 64])
 """
-from sttm.merge import merge, merge_to_budget
+from sttm.merging import merge, merge_to_budget
 from sttm.quadtree import level_sizes
 from sttm.token_set import TokenSet
 

@@ -3,7 +3,7 @@
 The work splits into a part that does not depend on the thresholds and a part that does:
 
 1. ``build_pyramid``: cell features of every pyramid level of every frame, their
-   per-head unit vectors, and each cell's lowest similarity to its children.
+   per-head inverse norms, and each cell's lowest similarity to its children.
 2. ``select_spatial``: the quadtree search of section 1 for a given ``tau_s`` (a few
    index operations per level, no arithmetic over channels).
 3. ``link_frames``: every spatial token picks its parent one frame back (section 2);
@@ -43,8 +43,6 @@ def _check_input(x: torch.Tensor, root_level: int, head_dim: int | None) -> None
         raise ValueError(f"x must have no empty dimension, got shape {tuple(x.shape)} (T, H, W, C)")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating point tensor, got dtype {x.dtype}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError("x contains NaN or inf values")
     if not isinstance(root_level, int) or isinstance(root_level, bool) or root_level < 0:
         raise ValueError(f"root_level must be an int >= 0, got {root_level!r}")
     channels = x.shape[-1]
@@ -69,8 +67,9 @@ class Pyramid:
     Attributes:
         tree: index tables of one frame's cells (``P`` cells over the used levels).
         features: ``[T, P, C]`` cell features (plain or patch-weighted means).
-        unit: ``[T, P, C]`` per-head unit vectors scaled by ``1/sqrt(heads)``, so a dot
-            product of two rows is the head-averaged cosine similarity.
+        inv_norm: ``[T, P, heads]`` ``1 / ((|head| + eps) * sqrt(heads))`` per cell, so
+            summing per-head dot products times both cells' factors gives the
+            head-averaged cosine (kept instead of unit vectors to save a full pass).
         min_child_sim: ``[T, P]`` lowest cosine similarity between a cell and its
             children; ``+inf`` for finest cells, which are always emitted.
         weighted: whether features are patch-count weighted.
@@ -79,7 +78,7 @@ class Pyramid:
 
     tree: Quadtree
     features: torch.Tensor
-    unit: torch.Tensor
+    inv_norm: torch.Tensor
     min_child_sim: torch.Tensor
     weighted: bool
     dtype: torch.dtype
@@ -102,12 +101,18 @@ def _pool_pairs(children: torch.Tensor, pad: tuple[int, int], fill: float = 0.0)
     return children.view(t, h // 2, 2, w // 2, 2, *children.shape[3:])
 
 
-def _unit_vectors(features: torch.Tensor, head_dim: int | None) -> torch.Tensor:
-    channels = features.shape[-1]
-    head_dim = head_dim or channels
-    heads = features.unflatten(-1, (channels // head_dim, head_dim))
-    norms = heads.norm(dim=-1, keepdim=True) + EPS
-    return (heads / (norms * math.sqrt(channels // head_dim))).flatten(-2)
+def head_dots(a: torch.Tensor, b: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[..., C] x [..., C] -> [..., heads]``: dot products per head (broadcasting)."""
+    product = a * b
+    return product.view(*product.shape[:-1], heads, -1).sum(-1)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor) -> torch.Tensor:
+    """Head-averaged cosine similarity from features and their ``Pyramid.inv_norm`` rows."""
+    heads = inv_a.shape[-1]
+    # (inv_a * inv_b) first: symmetric in a and b to the last bit, so a pair's
+    # similarity is the same whichever side it is computed from.
+    return (head_dots(a, b, heads) * (inv_a * inv_b)).sum(-1).clamp_(-1.0, 1.0)
 
 
 def build_pyramid(x: torch.Tensor, root_level: int, weighted: bool, head_dim: int | None) -> Pyramid:
@@ -130,21 +135,31 @@ def build_pyramid(x: torch.Tensor, root_level: int, weighted: bool, head_dim: in
     if weighted:
         features /= tree.num_patches[:, None].to(compute_dtype)
 
-    unit = _unit_vectors(features, head_dim)
+    heads = channels // (head_dim or channels)
+    norms = features.view(frames, tree.num_cells, heads, -1).norm(dim=-1)  # [T, P, heads]
+    if not bool(torch.isfinite(norms).all()):  # cheaper than scanning x; NaN/inf reach every norm
+        raise ValueError("x contains NaN or inf values (or values too large to compare in float32)")
+    inv_norm = 1.0 / ((norms + EPS) * math.sqrt(heads))
+
     min_child_sim = torch.full((frames, tree.num_cells), math.inf, dtype=compute_dtype, device=x.device)
     for lvl in range(tree.num_levels - 1):
         h, w = tree.sizes[lvl]
         child_h, child_w = tree.sizes[lvl + 1]
-        children = _pool_pairs(unit[:, tree.level_slice(lvl + 1)].view(frames, child_h, child_w, channels), tree.pad[lvl])
-        parents = unit[:, tree.level_slice(lvl)].view(frames, h, 1, w, 1, channels)
-        sims = (children * parents).sum(-1).clamp_(-1.0, 1.0)  # [T, h, 2, w, 2]
+        children = tree.level_slice(lvl + 1)
+        parents = tree.level_slice(lvl)
+        sims = cosine(
+            _pool_pairs(features[:, children].view(frames, child_h, child_w, channels), tree.pad[lvl]),
+            features[:, parents].view(frames, h, 1, w, 1, channels),
+            _pool_pairs(inv_norm[:, children].view(frames, child_h, child_w, heads), tree.pad[lvl]),
+            inv_norm[:, parents].view(frames, h, 1, w, 1, heads),
+        )  # [T, h, 2, w, 2]
         pad_rows, pad_cols = tree.pad[lvl]
         if pad_rows:
             sims[:, 0, 0] = math.inf  # the empty slot in front of an odd child axis
         if pad_cols:
             sims[:, :, :, 0, 0] = math.inf
-        min_child_sim[:, tree.level_slice(lvl)] = sims.amin(dim=(2, 4)).reshape(frames, -1)
-    return Pyramid(tree, features, unit, min_child_sim, weighted, x.dtype)
+        min_child_sim[:, parents] = sims.amin(dim=(2, 4)).reshape(frames, -1)
+    return Pyramid(tree, features, inv_norm, min_child_sim, weighted, x.dtype)
 
 
 # --------------------------------------------------------------------------- spatial
@@ -241,13 +256,15 @@ PairSimilarity = Callable[[SpatialTokens, CandidatePairs], torch.Tensor]
 
 
 def direct_similarity(pyramid: Pyramid) -> PairSimilarity:
-    """Cosine similarity of each candidate pair, from the tokens' unit vectors."""
-    unit = pyramid.unit.flatten(0, 1)
+    """Cosine similarity of each candidate pair, computed from the pair's features."""
+    features = pyramid.features.flatten(0, 1)
+    inv_norm = pyramid.inv_norm.flatten(0, 1)
     cells = pyramid.tree.num_cells
 
     def similarity(tokens: SpatialTokens, pairs: CandidatePairs) -> torch.Tensor:
         rows = tokens.frame * cells + tokens.cell
-        return (unit[rows[pairs.a]] * unit[rows[pairs.b]]).sum(-1).clamp_(-1.0, 1.0)
+        a, b = rows[pairs.a], rows[pairs.b]
+        return cosine(features[a], features[b], inv_norm[a], inv_norm[b])
 
     return similarity
 
@@ -452,16 +469,16 @@ def _similarity_tables(pyramid: Pyramid) -> tuple[torch.Tensor, torch.Tensor]:
     (no such frame, or ``l`` finer than ``p``) are NaN.
     """
     tree = pyramid.tree
-    unit = pyramid.unit
+    f, inv = pyramid.features, pyramid.inv_norm
     shape = (pyramid.num_frames, tree.num_cells, tree.num_levels)
-    back = torch.full(shape, math.nan, dtype=unit.dtype, device=unit.device)
-    forward = torch.full(shape, math.nan, dtype=unit.dtype, device=unit.device)
+    back = torch.full(shape, math.nan, dtype=f.dtype, device=f.device)
+    forward = torch.full(shape, math.nan, dtype=f.dtype, device=f.device)
     for lvl in range(tree.num_levels):
         finer = slice(tree.offsets[lvl], tree.num_cells)
         ancestors = _ancestors(tree, lvl)
-        back[1:, finer, lvl] = (unit[1:, finer] * unit[:-1, ancestors]).sum(-1)
-        forward[:-1, finer, lvl] = (unit[:-1, finer] * unit[1:, ancestors]).sum(-1)
-    return back.clamp_(-1.0, 1.0), forward.clamp_(-1.0, 1.0)
+        back[1:, finer, lvl] = cosine(f[1:, finer], f[:-1, ancestors], inv[1:, finer], inv[:-1, ancestors])
+        forward[:-1, finer, lvl] = cosine(f[:-1, finer], f[1:, ancestors], inv[:-1, finer], inv[1:, ancestors])
+    return back, forward
 
 
 def _table_similarity(pyramid: Pyramid, tables: tuple[torch.Tensor, torch.Tensor] | None) -> PairSimilarity:
@@ -482,9 +499,16 @@ def _table_similarity(pyramid: Pyramid, tables: tuple[torch.Tensor, torch.Tensor
 
 
 def _threshold_candidates(pyramid: Pyramid, tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Sorted distinct thresholds at which the token count can change, ``-1`` and ``NEVER_MERGE``."""
+    """Sorted thresholds, one between each two neighbouring distinct similarities.
+
+    The token count can only change where a threshold crosses a similarity the search
+    compares against; ``-1`` (merge everything) and ``NEVER_MERGE`` bound the list.
+    """
     spatial = pyramid.min_child_sim[:, pyramid.tree.level < pyramid.tree.num_levels - 1]
     values = [spatial.flatten(), torch.tensor([-1.0, NEVER_MERGE], dtype=spatial.dtype, device=spatial.device)]
     if tables is not None:
         values += [table[~table.isnan()] for table in tables]
-    return torch.unique(torch.cat(values)).cpu()  # unique sorts ascending
+    values = torch.unique(torch.cat(values)).double().cpu()  # unique sorts ascending
+    # Midpoints between neighbours admit the same similarities as the values themselves,
+    # but leave a margin, so recomputing a similarity in another order cannot flip it.
+    return torch.cat([values[:1], (values[1:] + values[:-1]) / 2])
