@@ -1,0 +1,123 @@
+"""The preprocessing job's configuration: one dataclass, from the CLI or a YAML file.
+
+Secrets never live here: S3 credentials come from the environment or the node's role
+(s3fs reads ``AWS_*`` variables and instance profiles itself); ``storage_options`` is for
+non-secret settings such as an ``endpoint_url``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.decode import FpsSampling, SamplingPolicy, UniformSampling
+from pipeline.samples import SAMPLE_DIR
+
+DEFAULT_MODEL = "tiny-random:llava-onevision"
+DEFAULT_STORE = "./sttm-store"
+
+# Decoding a 64-frame 384px video takes about as long on 4 CPU cores as the vision tower
+# of a 7B LLaVA-OneVision on one H100 (jobs/bench_decode.py and the GPU benchmarks), so a
+# GPU worker asks for that many decode cores beside it.
+CPUS_PER_GPU_WORKER = 4
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message says which setting and why."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything one ``sttm preprocess`` run needs.
+
+    Attributes:
+        input: manifest (.parquet/.jsonl/.csv), prefix or glob, local or any fsspec URL.
+        output: the token store's URL.
+        model: checkpoint directory, hub id or ``tiny-random:<family>``.
+        budget: retention target in (0, 1]; used unless ``tau_s`` is given.
+        tau_s, tau_t: fixed STTM thresholds instead of a budget (``tau_t`` optional).
+        root_level, weighted, head_dim: STTM options (see ``sttm.merge``).
+        frames: uniform sampling of this many frames, or
+        fps, max_frames: fixed-rate sampling capped at ``max_frames``;
+            neither: the model's own recipe.
+        device, dtype: where and in what precision the encoder runs ("auto": the GPU
+            when there is one; the checkpoint's dtype).
+        decode_concurrency: parallel decode tasks (None: as many as CPUs allow).
+        encode_workers: encoder actors (one GPU each where GPUs exist).
+        cpus_per_encode_worker: CPU cores reserved beside each encoder actor.
+        max_failure_rate: failed / inputs above which the job exits non-zero.
+        run_id_prefix: run ids are ``<prefix>-<UTC time>-<random>`` (e.g. ``nightly``).
+        storage_options: fsspec options for input and store (no secrets).
+        progress: show Ray Data's progress bars.
+    """
+
+    input: str = str(SAMPLE_DIR)
+    output: str = DEFAULT_STORE
+    model: str = DEFAULT_MODEL
+    budget: float | None = 0.5
+    tau_s: float | None = None
+    tau_t: float | None = None
+    root_level: int = 1
+    weighted: bool = False
+    head_dim: int | None = None
+    frames: int | None = None
+    fps: float | None = None
+    max_frames: int | None = None
+    device: str = "auto"
+    dtype: str | None = None
+    decode_concurrency: int | None = None
+    encode_workers: int = 1
+    cpus_per_encode_worker: float = 1.0
+    max_failure_rate: float = 0.0
+    run_id_prefix: str = "run"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.tau_s is None and self.tau_t is not None:
+            raise ConfigError("tau_t needs tau_s: give both thresholds, or a budget")
+        if self.tau_s is None and (self.budget is None or not 0 < self.budget <= 1):
+            raise ConfigError(f"budget must be in (0, 1], got {self.budget}")
+        if self.frames is not None and (self.fps is not None or self.max_frames is not None):
+            raise ConfigError("give either frames (uniform sampling) or fps with max_frames, not both")
+        if self.frames is not None and self.frames < 1:
+            raise ConfigError(f"frames must be >= 1, got {self.frames}")
+        if (self.fps is None) != (self.max_frames is None):
+            raise ConfigError("fps sampling needs both fps and max_frames")
+        if not 0 <= self.max_failure_rate <= 1:
+            raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.encode_workers < 1:
+            raise ConfigError(f"encode_workers must be >= 1, got {self.encode_workers}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "PreprocessConfig":
+        """Settings from a YAML file, then ``overrides`` (None values ignored)."""
+        text = Path(path).read_text()
+        values = yaml.safe_load(text) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(values).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def sampling_policy(self) -> SamplingPolicy | None:
+        """The policy the user asked for; None means the model's own recipe."""
+        if self.frames is not None:
+            return UniformSampling(self.frames)
+        if self.fps is not None:
+            return FpsSampling(self.fps, self.max_frames)
+        return None
+
+    def sttm_options(self) -> dict[str, Any]:
+        """The merge configuration as given (part of the config fingerprint)."""
+        merge = {"tau_s": self.tau_s, "tau_t": self.tau_t} if self.tau_s is not None else {"budget": self.budget}
+        return {**merge, "root_level": self.root_level, "weighted": self.weighted, "head_dim": self.head_dim}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

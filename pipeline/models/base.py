@@ -1,0 +1,197 @@
+"""The encode stage's one interface: an adapter per model family, picked by ``load_adapter``.
+
+An adapter turns a ``DecodedVideo`` into the visual tokens ``[T', H', W', C]`` that the
+model's LLM would receive for that video (after the vision tower, projector and pooling
+or patch merger), plus ``model_extra``: what the query stage needs to put them back into
+a prompt. It loads only the vision-side weights, through transformers' own model classes
+and checkpoint loading, from a local directory, a hub id, or ``tiny-random:<family>``.
+
+Preprocessing (resize, rescale, normalize, patchify) is done here in torch, reading the
+checkpoint's own video-processor settings, because transformers' video processors need
+torchvision, which is not part of this project's CPU environment. It reproduces them
+bit for bit (``jobs/check_processor_parity.py`` compares the two where torchvision exists).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig
+from transformers.utils import cached_file
+from transformers.video_processing_utils import BaseVideoProcessor
+
+from pipeline.decode import DecodedVideo, SamplingPolicy
+from pipeline.fingerprint import canonical_json
+from pipeline.models.tiny_random import resolve_model
+
+# transformers' value for bicubic (PILImageResampling.BICUBIC), the only resampling the
+# supported video processors use.
+BICUBIC = 3
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is of an architecture, or asks for preprocessing, that no adapter
+    implements."""
+
+
+@dataclass(frozen=True, eq=False)
+class EncodedVideo:
+    """What the encode stage hands to STTM and the store.
+
+    Attributes:
+        tokens: ``[T', H', W', C]`` visual tokens in the model's dtype, in the order the LLM
+            reads them (raster order of ``(t, h, w)``).
+        model_extra: JSON-able facts the query stage needs to place the tokens in a prompt
+            (see each adapter's docstring).
+    """
+
+    tokens: torch.Tensor
+    model_extra: dict[str, Any]
+
+
+class VideoAdapter(ABC):
+    """One model family's vision side, loaded once per worker.
+
+    Attributes:
+        family: the family's name (``"llava-onevision"``, ``"qwen2-vl"``, ...).
+        model_id: the model spec it was loaded from (path, hub id or ``tiny-random:...``).
+        hidden_size: ``C``, the LLM's embedding size.
+        dtype: dtype of the weights and of the returned tokens.
+        device: where the weights live and the tokens are computed.
+        fingerprint: ``"sha256:<hex>"`` over the checkpoint config, the video-processor
+            settings and every weight tensor used.
+        stage: the loaded vision side, a ``PreTrainedModel`` whose submodules carry the
+            full model's names (``vision_tower``, ``multi_modal_projector``, ``visual``...).
+        settings: the checkpoint's video-processor settings, over the class defaults.
+    """
+
+    model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter loads
+
+    family: str
+    model_id: str
+    hidden_size: int
+    dtype: torch.dtype
+    device: torch.device
+    fingerprint: str
+    stage: nn.Module
+    settings: dict[str, Any]
+
+    def _load(self, model_id: str, stage_class, processor_defaults: dict[str, Any], device, dtype) -> None:
+        """Load ``stage_class`` (a ``PreTrainedModel`` holding only the vision side) and the
+        video-processor settings from ``model_id``, and set the attributes above."""
+        model_path = resolve_model(model_id)
+        self.stage = stage_class.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
+        self.settings = video_processor_settings(model_path, processor_defaults)
+        self.model_id = model_id
+        self.hidden_size = self.stage.config.text_config.hidden_size
+        self.dtype = self.stage.dtype
+        self.device = self.stage.device
+        self.fingerprint = weights_fingerprint(model_path, self.settings, self.stage)
+
+    @abstractmethod
+    def default_sampling(self) -> SamplingPolicy:
+        """The model's own frame sampling recipe."""
+
+    @abstractmethod
+    def preprocess(self, video: DecodedVideo) -> dict[str, torch.Tensor]:
+        """The float32 inputs the model's video processor would produce for these frames,
+        named as the processor names them (and the full model's ``forward`` takes them)."""
+
+    @abstractmethod
+    def encode(self, video: DecodedVideo) -> EncodedVideo:
+        """The visual tokens the model's LLM would receive for this video."""
+
+
+def load_adapter(model_spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> VideoAdapter:
+    """The adapter for ``model_spec`` (a checkpoint directory, a hub id or
+    ``tiny-random:<family>``), chosen by the checkpoint config's ``model_type``.
+
+    ``dtype=None`` keeps the checkpoint's dtype.
+    """
+    # Imported here: the adapter modules import this one.
+    from pipeline.models.llava_onevision import LlavaOnevisionAdapter
+    from pipeline.models.qwen2_vl import Qwen2VLAdapter
+
+    adapters = {model_type: cls for cls in (LlavaOnevisionAdapter, Qwen2VLAdapter) for model_type in cls.model_types}
+    model_type = AutoConfig.from_pretrained(resolve_model(model_spec)).model_type
+    if model_type not in adapters:
+        raise UnsupportedModelError(
+            f"{model_spec}: model_type {model_type!r} has no adapter; supported: {sorted(adapters)}"
+        )
+    return adapters[model_type](model_spec, device=device, dtype=dtype)
+
+
+def video_processor_settings(model_path: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's video-processor settings over ``defaults`` (the transformers video
+    processor class's own defaults), found where transformers looks for them: a nested
+    ``processor_config.json``, ``video_preprocessor_config.json``, then the image
+    processor's ``preprocessor_config.json``.
+
+    Raises UnsupportedModelError for options the adapters do not implement.
+    """
+    stored, _ = BaseVideoProcessor.get_video_processor_dict(model_path)
+    settings = {**defaults, **{key: value for key, value in stored.items() if value is not None}}
+    unsupported = {
+        "resample": settings.get("resample") != BICUBIC,
+        "do_resize": not settings.get("do_resize"),
+        "do_rescale": not settings.get("do_rescale"),
+        "do_normalize": not settings.get("do_normalize"),
+        "do_center_crop": bool(settings.get("do_center_crop")),
+    }
+    for key, is_unsupported in unsupported.items():
+        if is_unsupported:
+            raise UnsupportedModelError(
+                f"{model_path}: video processor setting {key}={settings.get(key)!r} is not supported"
+            )
+    return settings
+
+
+def resize_like_video_processor(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 frames ``[T, 3, H, W]`` to ``size = (h, w)``,
+    bit-identical to transformers' video processors (``torchvision.transforms.v2`` on the
+    CPU): uint8 frames go through torch's native uint8 kernel, and the same size comes
+    back untouched. Returns uint8 ``[T, 3, h, w]``.
+    """
+    if tuple(frames.shape[-2:]) == tuple(size):
+        return frames
+    return F.interpolate(frames, size=list(size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def normalize_frames(frames: torch.Tensor, settings: dict[str, Any]) -> torch.Tensor:
+    """uint8 ``[T, 3, H, W]`` -> float32, ``(x * rescale_factor - mean) / std``.
+
+    Computed as transformers' fused rescale-and-normalize does it, ``(x - mean / r) / (std /
+    r)`` in float32, so the result matches the video processors bit for bit.
+    """
+    scale = 1.0 / settings["rescale_factor"]
+    mean = (torch.tensor(settings["image_mean"]) * scale).view(-1, 1, 1)
+    std = (torch.tensor(settings["image_std"]) * scale).view(-1, 1, 1)
+    return (frames.to(torch.float32) - mean) / std
+
+
+def weights_fingerprint(model_path: str, settings: dict[str, Any], module: nn.Module) -> str:
+    """``"sha256:<hex>"`` over the checkpoint's ``config.json`` (less the transformers
+    version that wrote it), the video-processor ``settings`` and every tensor of
+    ``module``'s state dict.
+
+    Tensors enter as a sorted list of (dtype, shape, sha256 of bytes), without their names:
+    transformers renames modules between versions and checkpoints come in several key
+    layouts, and the same weights should keep one fingerprint through all of them.
+    """
+    with open(cached_file(model_path, "config.json")) as file:
+        config = json.load(file)
+    config.pop("transformers_version", None)
+    tensors = []
+    for tensor in module.state_dict().values():
+        tensor = tensor.detach().to("cpu").contiguous()
+        data = hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+        tensors.append([str(tensor.dtype), list(tensor.shape), data])
+    fingerprinted = {"config": config, "video_processor": settings, "tensors": sorted(tensors)}
+    return f"sha256:{hashlib.sha256(canonical_json(fingerprinted).encode()).hexdigest()}"

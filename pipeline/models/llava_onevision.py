@@ -1,0 +1,126 @@
+"""LLaVA-OneVision adapter (llava-hf LLaVA-OneVision checkpoints, and LLaVA-Video
+checkpoints converted to ``LlavaOnevisionForConditionalGeneration``).
+
+What the LLM sees for one video of ``T`` frames, and so what the query stage must build:
+
+- frames resized to 384x384 (bicubic, antialiased; no aspect ratio kept), normalized;
+- the SigLIP tower's hidden states at ``config.vision_feature_layer`` (all 27x27 patches,
+  ``vision_feature_select_strategy="full"``), through the 2-layer projector: ``[T, 729, C]``;
+- 2x2 bilinear pooling per frame to 14x14: ``tokens [T, 14, 14, C]``;
+- in the prompt, the ``T * 196`` tokens in raster order of ``(t, y, x)``, then ONE
+  ``image_newline`` embedding (``model.model.image_newline``) after the last frame. The
+  processor expands the prompt's single ``<video>`` into ``T * 196 + 1`` video tokens and
+  the model scatters these embeddings into them in this order.
+
+After STTM, the query stage puts the N merged tokens (in ``TokenSet`` order) where the
+``T * 196`` tokens were and keeps the one newline after them: ``N + 1`` video tokens.
+Positions are 1-D, consecutive, as for any other token (STTM_SPEC section 5).
+
+``model_extra``: ``grid_thw`` ``[T, 14, 14]``, ``frame_size`` ``[384, 384]``,
+``video_token_id``, ``newline`` (``"after_video"``), ``num_newline_tokens`` (1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionMultiModalProjector,
+    LlavaOnevisionPreTrainedModel,
+)
+
+from pipeline.decode import DecodedVideo, UniformSampling
+from pipeline.models.base import (
+    EncodedVideo,
+    UnsupportedModelError,
+    VideoAdapter,
+    normalize_frames,
+    resize_like_video_processor,
+)
+
+# LlavaOnevisionVideoProcessor's class defaults, for settings a checkpoint leaves out.
+VIDEO_PROCESSOR_DEFAULTS = dict(
+    size={"height": 384, "width": 384},
+    resample=3,
+    rescale_factor=1 / 255,
+    image_mean=list(OPENAI_CLIP_MEAN),
+    image_std=list(OPENAI_CLIP_STD),
+    do_resize=True,
+    do_rescale=True,
+    do_normalize=True,
+)
+
+
+class LlavaOnevisionVisionStage(LlavaOnevisionPreTrainedModel):
+    """The vision side of ``LlavaOnevisionModel``: its tower, projector and newline, under
+    the same attribute names, so ``from_pretrained`` reads exactly those tensors from the
+    checkpoint (hub layouts included, through transformers' key conversions) and never
+    reads the language model's."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^(?!(vision_tower|multi_modal_projector|image_newline)\b)"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
+        self.post_init()
+
+
+class LlavaOnevisionAdapter(VideoAdapter):
+    family = "llava-onevision"
+    model_types = ("llava_onevision",)
+
+    def __init__(self, model_id: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self._load(model_id, LlavaOnevisionVisionStage, VIDEO_PROCESSOR_DEFAULTS, device, dtype)
+        if set(self.settings["size"]) != {"height", "width"}:
+            raise UnsupportedModelError(
+                f"{model_id}: expected a fixed video frame size, got size={self.settings['size']}"
+            )
+        vision_config = self.stage.config.vision_config
+        self.patch_grid = vision_config.image_size // vision_config.patch_size  # 27
+        self.pooled_grid = math.ceil(self.patch_grid / 2)  # 14
+
+    def default_sampling(self) -> UniformSampling:
+        """32 uniformly spread frames, as LLaVA-OneVision is evaluated on video."""
+        return UniformSampling(num_frames=32)
+
+    def preprocess(self, video: DecodedVideo) -> dict[str, torch.Tensor]:
+        """``pixel_values_videos``: float32 ``[1, T, 3, 384, 384]``."""
+        size = (self.settings["size"]["height"], self.settings["size"]["width"])
+        frames = resize_like_video_processor(video.frames.permute(0, 3, 1, 2).contiguous(), size)
+        return {"pixel_values_videos": normalize_frames(frames, self.settings)[None]}
+
+    @torch.no_grad()
+    def encode(self, video: DecodedVideo) -> EncodedVideo:
+        pixels = self.preprocess(video)["pixel_values_videos"][0].to(self.device, self.dtype)
+        config = self.stage.config
+        hidden_states = self.stage.vision_tower(pixels, output_hidden_states=True).hidden_states
+        if isinstance(config.vision_feature_layer, int):
+            features = hidden_states[config.vision_feature_layer]
+        else:
+            features = torch.cat([hidden_states[layer] for layer in config.vision_feature_layer], dim=-1)
+        if config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop the class token
+        features = self.stage.multi_modal_projector(features)  # [T, 27*27, C]
+
+        # 2x2 bilinear pooling of each frame's 27x27 grid to 14x14 (the model's apply_pooling)
+        num_frames = features.shape[0]
+        grid = features.view(num_frames, self.patch_grid, self.patch_grid, -1).permute(0, 3, 1, 2).contiguous()
+        pooled = F.interpolate(grid, size=[self.pooled_grid, self.pooled_grid], mode="bilinear")
+        tokens = pooled.permute(0, 2, 3, 1).contiguous()  # [T, 14, 14, C]
+        return EncodedVideo(
+            tokens=tokens,
+            model_extra={
+                "grid_thw": list(tokens.shape[:3]),
+                "frame_size": list(pixels.shape[-2:]),
+                "video_token_id": config.video_token_id,
+                "newline": "after_video",
+                "num_newline_tokens": 1,
+            },
+        )

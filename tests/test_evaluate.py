@@ -1,0 +1,203 @@
+"""``sttm eval``: benchmark records, letter extraction, scoring, and a run over a store."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.evaluate import BenchmarkError, evaluate, extract_letter, load_benchmark
+from pipeline.models import load_adapter, resolve_model
+from pipeline.query import Answer
+from pipeline.store import NotFoundError, TokenStore
+from query_setup import decode_sample, stored_token_set
+
+VIDEOMME_SAMPLE = Path(__file__).parent / "data" / "annotations" / "videomme_sample.json"
+OPTIONS = ("A. Apples.", "B. Candles.", "C. Berries.", "D. The three kinds are of the same number.")
+
+
+# ------------------------------------------------------------------- records
+
+
+def test_videomme_records_load_with_their_categories_and_prompt():
+    questions = load_benchmark(VIDEOMME_SAMPLE)
+
+    assert len(questions) == 30
+    first = questions[0]
+    assert (first.question_id, first.video_id, first.answer, first.letters) == ("001-1", "fFjv93ACGo8", "C", "ABCD")
+    assert first.categories == {
+        "duration": "short",
+        "domain": "Knowledge",
+        "sub_category": "Humanity & History",
+        "task_type": "Counting Problem",
+    }
+    assert first.prompt() == (
+        "Select the best answer to the following multiple-choice question based on the video. "
+        "Respond with only the letter (A, B, C, or D) of the correct option.\n"
+        "When demonstrating the Germany modern Christmas tree is initially decorated with apples, candles and "
+        "berries, which kind of the decoration has the largest number?\n"
+        "A. Apples.\nB. Candles.\nC. Berries.\nD. The three kinds are of the same number.\n"
+        "The best answer is:"
+    )
+    assert len({q.video_id for q in questions}) == 10
+    assert load_benchmark(VIDEOMME_SAMPLE, video_key="video_id")[0].video_id == "001"
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ({"question": "not a list"}, "non-empty JSON list"),
+        ([], "non-empty JSON list"),
+        ([{"videoID": "v", "question": "q", "options": list(OPTIONS)}], r"record 0 \(None\) lacks \['answer'\]"),
+        ([{"videoID": "v", "question": "q", "options": list(OPTIONS), "answer": "E", "question_id": "x-1"}],
+         r"record 0 \(x-1\): answer 'E' is not one of the option letters"),
+        ([{"videoID": "v", "question": "q", "options": "A. yes", "answer": "A"}], "options should be a list"),
+    ],
+)  # fmt: skip
+def test_bad_benchmark_files_are_refused_naming_the_record(tmp_path, records, message):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(BenchmarkError, match=message):
+        load_benchmark(path)
+
+
+# ------------------------------------------------------------------- letters
+
+
+@pytest.mark.parametrize(
+    "response, letter",
+    [
+        ("C", "C"),
+        ("c", "C"),
+        ("(B)", "B"),
+        ("D.", "D"),
+        ("C. Berries.", "C"),
+        ("B) Candles", "B"),
+        ("The best answer is C.", "C"),
+        ("The correct option is A.", "A"),
+        ("Answer: (b)", "B"),
+        ("I think it is B because of the flames.", "B"),
+        ("Berries.", "C"),  # the text of one option
+        ("A man decorates the tree.", None),  # the article, not option A
+        ("A and B", None),  # two options
+        ("berries and candles", None),
+        ("", None),
+        ("I am not sure.", None),
+    ],
+)
+def test_the_chosen_letter_is_extracted_from_free_text(response, letter):
+    assert extract_letter(response, OPTIONS) == letter
+
+
+def test_letters_beyond_the_options_are_not_chosen():
+    assert extract_letter("E", OPTIONS) is None
+    assert extract_letter("E", (*OPTIONS, "E. None of them.")) == "E"
+
+
+# ------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class FakePrefix:
+    num_visual_tokens: int
+    prefill_s: float
+
+
+class ScriptedEngine:
+    """Answers each question with a scripted response; every prefill "takes" 2 s."""
+
+    def __init__(self, responses: dict[str, str]):
+        self.responses = responses
+        self.prefills = 0
+
+    def prefill(self, stored):
+        self.prefills += 1
+        return FakePrefix(num_visual_tokens=10, prefill_s=2.0)
+
+    def answer(self, prefix, question, **decoding):
+        return Answer(self.responses[question], [1], [0.0], 5, ttft_s=0.1, total_s=0.5)
+
+
+class VideosStore:
+    def __init__(self, video_ids):
+        self.video_ids = video_ids
+
+    def read(self, video_id, config_fingerprint=None):
+        if video_id not in self.video_ids:
+            raise NotFoundError(f"no token set for video id {video_id!r}")
+        return video_id
+
+
+def test_accuracy_overall_and_per_category_with_one_prefill_per_video():
+    questions = load_benchmark(VIDEOMME_SAMPLE)[:9]  # videos 001, 002, 003: 3 questions each
+    video_001, video_002, video_003 = (q.video_id for q in questions[::3])
+    scripted = {  # right, wrong, unparsed for 001; all right for 002; 003 is missing from the store
+        questions[0].prompt(): f"The best answer is {questions[0].answer}.",
+        questions[1].prompt(): "D" if questions[1].answer != "D" else "A",
+        questions[2].prompt(): "I cannot tell.",
+        **{q.prompt(): q.answer for q in questions[3:6]},
+    }
+    engine = ScriptedEngine(scripted)
+
+    report = evaluate(engine, VideosStore({video_001, video_002}), questions)
+
+    assert engine.prefills == 2
+    assert (report.num_questions, report.num_answered, report.num_unparsed, report.num_failed) == (9, 6, 1, 3)
+    assert report.accuracy == pytest.approx(4 / 6, abs=1e-6)
+    assert [row["correct"] for row in report.results[:6]] == [True, False, False, True, True, True]
+    assert report.results[2]["predicted"] is None
+    assert all("no token set for video id" in row["error"] for row in report.results[6:])
+    tasks = report.by_category["task_type"]
+    # Counting Problem: 001-1 right, 001-3 unparsed, 002-3 right (003-1 not answered)
+    assert tasks["Counting Problem"] == {"correct": 2, "total": 3, "accuracy": pytest.approx(2 / 3, abs=1e-6)}
+    assert tasks["Information Synopsis"] == {"correct": 0, "total": 1, "accuracy": 0.0}  # 001-2 wrong
+    assert sum(tally["total"] for tally in tasks.values()) == 6
+    assert report.by_category["duration"] == {"short": {"correct": 4, "total": 6, "accuracy": pytest.approx(4 / 6, abs=1e-6)}}
+    # Two videos, three answered questions each: two prefills of 2 s saved per video.
+    assert report.timings == {"num_videos": 2, "prefill_s": 4.0, "answer_s": 3.0, "saved_s": 8.0}
+
+
+# ------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def videomme_store(tmp_path_factory):
+    """Tiny Qwen2-VL tokens of the two bundled videos under the first two Video-MME
+    records' video ids."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STTM_CACHE", str(tmp_path_factory.mktemp("sttm-cache")))
+        resolve_model("tiny-random:qwen2-vl")
+        adapter = load_adapter("tiny-random:qwen2-vl", dtype=torch.float32)
+        store = TokenStore(str(tmp_path_factory.mktemp("store")))
+        video_ids = list(dict.fromkeys(q.video_id for q in load_benchmark(VIDEOMME_SAMPLE)))[:2]
+        for video_id, name in zip(video_ids, ("bigbuckbunny.mp4", "bikes.mp4")):
+            store.write(stored_token_set(adapter, decode_sample("qwen2-vl", name), video_id, retention=0.5))
+        yield store
+
+
+def test_eval_command_scores_the_stored_videos_and_reports_the_missing(videomme_store, tmp_path):
+    out = tmp_path / "results.jsonl"
+    args = ["eval", videomme_store.url, "--model", "tiny-random:qwen2-vl", "--dtype", "float32",
+            "--benchmark", str(VIDEOMME_SAMPLE), "--out", str(out), "--max-new-tokens", "4"]  # fmt: skip
+
+    result = CliRunner().invoke(main, [*args, "--json"])
+
+    assert result.exit_code == 1, result.output  # 8 of the 10 videos are not in the store
+    summary = json.loads(result.stdout)
+    assert (summary["num_questions"], summary["num_answered"], summary["num_failed"]) == (30, 6, 24)
+    assert summary["timings"]["num_videos"] == 2 and summary["timings"]["saved_s"] > 0
+    assert sum(t["total"] for t in summary["by_category"]["task_type"].values()) == 6
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 30
+    answered = [row for row in rows if "error" not in row]
+    assert [row["question_id"] for row in answered] == ["001-1", "001-2", "001-3", "002-1", "002-2", "002-3"]
+    assert all(row["predicted"] in (None, "A", "B", "C", "D") and "response" in row for row in answered)
+
+    result = CliRunner().invoke(main, args + ["--category", "duration"])
+    assert "over 6 of 30 questions" in result.stdout
+    assert "duration = short:" in result.stdout and "task_type" not in result.stdout
+    assert "problem: question 003-1 (" in result.stderr

@@ -1,0 +1,315 @@
+"""Query stage: answers from stored token sets, one prefilled prefix per video.
+
+The reference is each model's own end-to-end path on the same frames: the prompt as the
+processor builds it (the chat template with the video placeholder repeated once per video
+token), the adapter's pixel values, and ``model(...)`` / ``model.generate(...)``. Tiny
+random models of the real architectures, float32, CPU.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.models import load_adapter, resolve_model
+from pipeline.query import IncompatibleTokenSetError, QueryEngine, answer_questions, run_questions_file
+from pipeline.store import TokenStore
+from query_setup import FAMILIES, decode_sample, stored_token_set, with_features
+
+QUESTIONS = [
+    "What is happening in this video?",
+    "How many people appear in the video, and what are they doing?",
+    "Describe the video in detail, frame by frame.",
+]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """The tiny models, built into a cache of this session's own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STTM_CACHE", str(tmp_path_factory.mktemp("sttm-cache")))
+        for family in FAMILIES:
+            resolve_model(f"tiny-random:{family}")
+        yield
+
+
+@pytest.fixture(scope="session")
+def engines(model_cache):
+    return {family: QueryEngine(f"tiny-random:{family}", dtype=torch.float32) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def adapters(model_cache):
+    return {family: load_adapter(f"tiny-random:{family}", dtype=torch.float32) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def videos():
+    return {(family, name): decode_sample(family, name) for family in FAMILIES for name in ("bigbuckbunny.mp4", "bikes.mp4")}
+
+
+@pytest.fixture(scope="session")
+def store(tmp_path_factory, adapters, videos):
+    """Per family: ``<family>/bunny-full`` (nothing merged), ``<family>/bunny`` and
+    ``<family>/bikes`` (merged to a 50% budget)."""
+    store = TokenStore(str(tmp_path_factory.mktemp("store")))
+    for family, adapter in adapters.items():
+        bunny, bikes = videos[family, "bigbuckbunny.mp4"], videos[family, "bikes.mp4"]
+        store.write(stored_token_set(adapter, bunny, f"{family}/bunny-full"))
+        store.write(stored_token_set(adapter, bunny, f"{family}/bunny", retention=0.5))
+        store.write(stored_token_set(adapter, bikes, f"{family}/bikes", retention=0.5))
+    return store
+
+
+def reference_inputs(engine: QueryEngine, adapter, video, question: str) -> dict[str, torch.Tensor]:
+    """The full model's inputs as its processor builds them: the chat template's text
+    with the video placeholder repeated once per video token, plus the pixel values."""
+    pixels = adapter.preprocess(video)
+    tokenizer = engine.tokenizer
+    placeholder = tokenizer.convert_ids_to_tokens(engine.video_token_id)
+    if engine.model_type == "llava_onevision":
+        num_frames = pixels["pixel_values_videos"].shape[1]
+        num_video_tokens = num_frames * 14 * 14 + 1  # pooled 14x14 grid per frame, one newline
+    else:
+        num_video_tokens = int(pixels["video_grid_thw"].prod()) // 4  # 2x2 patch merger
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    input_ids = tokenizer(text.replace(placeholder, placeholder * num_video_tokens), return_tensors="pt")["input_ids"]
+    inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
+    if engine.model_type != "llava_onevision":
+        inputs["mm_token_type_ids"] = (input_ids == engine.video_token_id).int() * 2
+    if engine.model_type == "qwen2_5_vl":
+        encoded = adapter.encode(video)
+        inputs["second_per_grid_ts"] = torch.tensor([encoded.model_extra["second_per_grid_t"]])
+    return inputs
+
+
+def text_around_video(engine: QueryEngine, question: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat template before and after the video placeholder."""
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    text = engine.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    before, after = text.split(engine.tokenizer.convert_ids_to_tokens(engine.video_token_id))
+    return engine.tokenizer(before)["input_ids"], engine.tokenizer(after)["input_ids"]
+
+
+# ------------------------------------------------------------------- the model's own path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unmerged_token_set_answers_like_the_models_own_generate(engines, adapters, videos, store, family):
+    engine, model = engines[family], engines[family].model
+    stored = store.read(f"{family}/bunny-full")
+    assert stored.tokens.retention == 1.0
+    prefix = engine.prefill(stored)
+
+    for question in QUESTIONS[:2]:
+        inputs = reference_inputs(engine, adapters[family], videos[family, "bigbuckbunny.mp4"], question)
+        with torch.no_grad():
+            expected_logits = model(**inputs).logits[0, -1]
+            generated = model.generate(
+                **inputs, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True
+            )
+        expected_tokens = generated.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+        expected_logprobs = [
+            torch.log_softmax(step_logits[0], dim=-1)[token] for step_logits, token in zip(generated.logits, expected_tokens)
+        ]
+        if expected_tokens[-1] in engine.eos_token_ids:
+            expected_tokens, expected_logprobs = expected_tokens[:-1], expected_logprobs[:-1]
+
+        torch.testing.assert_close(engine.next_token_logits(prefix, question), expected_logits, rtol=1e-4, atol=1e-5)
+        answer = engine.answer(prefix, question, max_new_tokens=8)
+        assert answer.token_ids == expected_tokens
+        # Every decoding step ran at the model's own positions, not only the first.
+        torch.testing.assert_close(torch.tensor(answer.token_logprobs), torch.stack(expected_logprobs), rtol=0, atol=1e-5)
+        assert answer.text == engine.tokenizer.decode(expected_tokens, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------- the shared prefix
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_prefix_answers_equal_a_fresh_prefill_per_question(engines, store, family):
+    engine = engines[family]
+    stored = store.read(f"{family}/bunny")
+    shared = engine.prefill(stored)
+
+    for question in QUESTIONS:
+        from_shared = engine.answer(shared, question, max_new_tokens=6)
+        assert shared.cache.get_seq_length() == shared.length  # cropped back to the prefix
+        fresh = engine.prefill(stored)
+        assert engine.answer(fresh, question, max_new_tokens=6).token_ids == from_shared.token_ids
+        torch.testing.assert_close(
+            engine.next_token_logits(shared, question), engine.next_token_logits(engine.prefill(stored), question)
+        )
+
+
+def test_seeded_sampling_repeats_and_leaves_the_prefix_as_it_was(engines, store):
+    engine = engines["qwen2-vl"]
+    prefix = engine.prefill(store.read("qwen2-vl/bunny"))
+    greedy = engine.answer(prefix, QUESTIONS[0], max_new_tokens=6)
+
+    def sample(seed):
+        return engine.answer(prefix, QUESTIONS[0], max_new_tokens=6, do_sample=True, temperature=5.0, seed=seed).token_ids
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert engine.answer(prefix, QUESTIONS[0], max_new_tokens=6).token_ids == greedy.token_ids
+
+
+# ------------------------------------------------------------------- merged prompts
+
+
+def spec_positions(engine: QueryEngine, stored, num_text_before: int, num_text_after: int) -> torch.Tensor:
+    """Positions of the whole merged prompt computed from STTM_SPEC section 5 alone.
+
+    1-D models: ``0 .. L-1``. Qwen2-VL (3-D): text before the video at ``0 .. s-1`` on all
+    axes; a merged token at ``s + (t, y0, x0)`` of its root's top-left patch; text after
+    the video from ``s + max(T, H, W)``, where the full video's text would be.
+    """
+    tokens = stored.tokens
+    if engine.model_type == "llava_onevision":
+        return torch.arange(num_text_before + tokens.num_tokens + 1 + num_text_after)[None]
+    s = num_text_before
+    before = torch.arange(s).expand(3, -1)
+    video = s + torch.stack([tokens.frame, tokens.box[:, 0], tokens.box[:, 1]]).long()
+    after = (s + max(tokens.grid) + torch.arange(num_text_after)).expand(3, -1)
+    return torch.cat([before, video, after], dim=1)[:, None]
+
+
+def model_positions(engine: QueryEngine, stored, num_text_before: int, num_text_after: int) -> torch.Tensor:
+    """Qwen2.5-VL positions from the model's own positions of the unmerged prompt, taken
+    at each merged token's root top-left patch (its temporal spacing depends on the
+    transformers version, so no formula is written down here)."""
+    t, h, w = stored.tokens.grid
+    s, video_length = num_text_before, t * h * w
+    input_ids = torch.zeros(1, s + video_length + num_text_after, dtype=torch.long)
+    token_types = torch.zeros_like(input_ids, dtype=torch.int32)
+    token_types[0, s : s + video_length] = 2
+    full, _ = engine.model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=token_types,
+        video_grid_thw=torch.tensor([stored.model_extra["video_grid_thw"]]),
+        second_per_grid_ts=torch.tensor([stored.model_extra["second_per_grid_t"]]),
+    )
+    tokens = stored.tokens
+    roots = s + (tokens.frame.long() * h + tokens.box[:, 0].long()) * w + tokens.box[:, 1].long()
+    keep = torch.cat([torch.arange(s), roots, torch.arange(s + video_length, input_ids.shape[1])])
+    return full[:, :, keep]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_prompt_holds_the_n_stored_tokens_in_order_at_their_spec_positions(engines, store, family):
+    engine, model = engines[family], engines[family].model
+    stored = store.read(f"{family}/bikes")
+    t, h, w = stored.tokens.grid
+    assert stored.num_tokens <= 0.5 * t * h * w
+    question = QUESTIONS[1]
+    before, after = text_around_video(engine, question)
+    newline = [model.model.image_newline] if family == "llava-onevision" else []
+
+    prefix = engine.prefill(stored)
+    assert prefix.num_visual_tokens == stored.num_tokens
+    assert prefix.length == len(before) + stored.num_tokens + len(newline)
+
+    positions_of = model_positions if family == "qwen2.5-vl" else spec_positions
+    positions = positions_of(engine, stored, len(before), len(after))
+    assert torch.equal(prefix.position_ids, positions[..., : prefix.length])
+    assert prefix.text_position == int(positions.flatten(0, -2)[0, prefix.length])  # first text after the video
+
+    # The whole prompt in one forward pass: text, the stored features in stored order,
+    # (the newline), the question -- gives the query stage's next-token logits.
+    embed = model.get_input_embeddings()
+    prompt = torch.cat([embed(torch.tensor(before)), stored.tokens.features, *(n[None] for n in newline), embed(torch.tensor(after))])
+    with torch.no_grad():
+        expected = model(inputs_embeds=prompt[None], position_ids=positions).logits[0, -1]
+    torch.testing.assert_close(engine.next_token_logits(prefix, question), expected, rtol=1e-4, atol=1e-5)
+
+    # Any other order of the same tokens is another prompt.
+    shuffled = stored.tokens.features[torch.randperm(stored.num_tokens, generator=torch.Generator().manual_seed(0))]
+    other = engine.prefill(with_features(stored, shuffled))
+    assert not torch.allclose(engine.next_token_logits(other, question), expected, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- bad input
+
+
+def test_a_store_made_for_another_model_is_refused(engines, store):
+    stored = store.read("qwen2-vl/bunny")
+    with pytest.raises(IncompatibleTokenSetError, match="32 channels.*takes 64"):
+        engines["qwen2-vl"].prefill(with_features(stored, stored.tokens.features[:, :32].contiguous()))
+    # Same hidden size, other vision encoder: caught by the encoder fingerprint.
+    with pytest.raises(IncompatibleTokenSetError, match="another vision encoder"):
+        engines["llava-onevision"].prefill(stored)
+
+
+def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engines, store, tmp_path):
+    lines = [
+        json.dumps({"video_id": "qwen2-vl/bunny", "question": QUESTIONS[0], "id": "q1"}),  # 1
+        "{not json",  # 2
+        "",  # 3: blank, skipped
+        json.dumps(["video_id", "question"]),  # 4
+        json.dumps({"video_id": "qwen2-vl/bunny"}),  # 5
+        json.dumps({"video_id": "no-such-video", "question": QUESTIONS[0], "id": "q6"}),  # 6
+        json.dumps({"video_id": "llava-onevision/bunny", "question": QUESTIONS[0], "id": "q7"}),  # 7: other model
+        json.dumps({"video_id": "qwen2-vl/bikes", "question": QUESTIONS[1]}),  # 8: id from line number
+        json.dumps({"video_id": "qwen2-vl/bunny", "question": QUESTIONS[2], "id": "q9"}),  # 9
+    ]
+    questions_path, out_path = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
+    questions_path.write_text("\n".join(lines) + "\n")
+
+    summary = run_questions_file(engines["qwen2-vl"], store, questions_path, out_path, max_new_tokens=4)
+
+    answers = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [(a["id"], a["video_id"]) for a in answers] == [("q1", "qwen2-vl/bunny"), ("q9", "qwen2-vl/bunny"), (8, "qwen2-vl/bikes")]
+    assert [a["prefix_reused"] for a in answers] == [False, True, False]
+    for answer in answers:
+        assert set(answer) >= {"answer", "load_s", "prefill_s", "ttft_s", "total_s", "num_visual_tokens"}
+        assert 0 < answer["ttft_s"] <= answer["total_s"]
+    assert answers[0]["prefill_s"] == answers[1]["prefill_s"]
+    assert (summary.num_questions, summary.num_answered) == (5, 3)
+    assert [p.get("line") for p in summary.problems[:3]] == [2, 4, 5]
+    by_id = {p["id"]: p["error"] for p in summary.problems[3:]}
+    assert "no token set for video id 'no-such-video'" in by_id["q6"]
+    assert "another vision encoder" in by_id["q7"]
+    assert summary.timings["num_videos"] == 2
+    assert summary.timings["saved_s"] == pytest.approx(answers[0]["prefill_s"], abs=1e-6)
+
+
+def test_a_questions_file_without_questions_is_an_error(engines, store, tmp_path):
+    questions_path = tmp_path / "questions.jsonl"
+    questions_path.write_text("\n\n{\"question\": \"no video\"}\n")
+    with pytest.raises(ValueError, match=r"holds no questions\n  line 3: needs non-empty string fields \['video_id'\]"):
+        run_questions_file(engines["qwen2-vl"], store, questions_path, tmp_path / "answers.jsonl")
+
+
+def test_empty_question_text_is_refused(engines, store):
+    prefix = engines["qwen2-vl"].prefill(store.read("qwen2-vl/bunny"))
+    with pytest.raises(ValueError, match="empty"):
+        engines["qwen2-vl"].answer(prefix, "  ")
+    results = list(answer_questions(engines["qwen2-vl"], store, []))
+    assert results == []
+
+
+# ------------------------------------------------------------------- command line
+
+
+def test_query_command(model_cache, store, tmp_path):
+    questions_path, out_path = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
+    questions = [{"video_id": "qwen2.5-vl/bunny", "question": q} for q in QUESTIONS[:2]] + [{"video_id": "nope", "question": "?"}]
+    questions_path.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    args = ["query", store.url, "--model", "tiny-random:qwen2.5-vl", "--dtype", "float32",
+            "--questions", str(questions_path), "--out", str(out_path), "--max-new-tokens", "3"]  # fmt: skip
+
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 1, result.output  # one question's video is missing
+    summary = json.loads(result.stdout)
+    assert (summary["num_questions"], summary["num_answered"]) == (3, 2)
+    assert summary["problems"][0]["video_id"] == "nope"
+    assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()] == [1, 2]
+
+    result = CliRunner().invoke(main, args)
+    assert "answered 2 of 3 questions on 1 videos" in result.stdout
+    assert "problem: question 3 (nope): no token set for video id 'nope'" in result.stderr
