@@ -3,7 +3,8 @@
 For each frame count it times, in one run on one device:
 
 - ``tower``: the SigLIP tower's forward alone on ready pixels (the floor);
-- ``encode``: ``adapter.encode`` (resize + normalize, tower, projector, 2x2 pooling);
+- ``encode``: ``adapter.encode`` (normalize, tower, projector, 2x2 pooling) on frames
+  already resized to the model's size, as the pipeline's CPU decode workers hand them over;
 - ``encode+sttm``: ``encode`` then ``sttm.merge_to_budget`` at 50%;
 
 and the peak GPU memory of ``encode+sttm`` for one video. Frames are random 720p uint8
@@ -18,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ import torch
 import sttm
 from pipeline.decode import DecodedVideo
 from pipeline.models import load_adapter
+from pipeline.models.base import resize_like_video_processor
 
 
 def timed(fn, repeats: int) -> float:
@@ -58,6 +61,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                                                    generator=generator),
                              frame_indices=list(range(frames)), timestamps=[i / 25 for i in range(frames)], fps=25.0,
                              num_frames_total=frames, content_hash="sha256:" + "0" * 64)
+        # As the pipeline hands them over: resized to the model's size on a CPU decode worker.
+        if adapter.input_frame_size:
+            video = replace(video, frames=resize_like_video_processor(
+                video.frames.permute(0, 3, 1, 2), adapter.input_frame_size).permute(0, 2, 3, 1).contiguous())
         pixels = adapter.preprocess(video)["pixel_values_videos"][0].to(device, torch.bfloat16)
         with torch.no_grad():
             tower = timed(lambda: adapter.stage.vision_tower(pixels), args.repeats)

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         make_corpus(corpus, args.videos)
         settings = dict(input=str(corpus), model=args.model, frames=args.frames, progress=False)
         sequential_s = sequential(PreprocessConfig(output=str(Path(tmp) / "sequential"), **settings))
-        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         started = time.perf_counter()
         summary = run_preprocess(PreprocessConfig(output=str(Path(tmp) / "ray"), **settings))
         ray_s = time.perf_counter() - started

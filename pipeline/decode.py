@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-import decord
 import fsspec
 import numpy as np
 import torch
@@ -298,8 +297,12 @@ def _fetch(uri: str, storage_options: dict) -> tuple[str | bytes, str]:
     return data, sha256_content_hash(data)
 
 
-def _open_reader(uri: str, source: str | bytes, height: int = -1, width: int = -1) -> decord.VideoReader:
+def _open_reader(uri: str, source: str | bytes, height: int = -1, width: int = -1) -> "decord.VideoReader":
     # One decoding thread: the pipeline scales out with one decode task per core.
+    # Imported here, not at module level: the query stage and GPU benchmarks use this
+    # module's types on machines that have no decord.
+    import decord
+
     def open_() -> decord.VideoReader:
         file = source if isinstance(source, str) else io.BytesIO(source)
         return decord.VideoReader(file, ctx=decord.cpu(0), width=width, height=height, num_threads=1)
@@ -309,7 +312,7 @@ def _open_reader(uri: str, source: str | bytes, height: int = -1, width: int = -
 
 def _read_frames(
     uri: str,
-    reader: decord.VideoReader,
+    reader: "decord.VideoReader",
     indices: list[int],
     decoded_size: tuple[int, int],
     size: tuple[int, int],

@@ -30,7 +30,7 @@ from pipeline.store import TokenStore
 # Video-MME's category fields; each is reported where the records have it.
 CATEGORY_KEYS = ("duration", "domain", "sub_category", "task_type")
 
-# The Video-MME paper's prompt for frames without subtitles ({letters}: "A, B, C, or D").
+# Video-MME's prompt for frames without subtitles ({letters}: "A, B, C, or D").
 PROMPT_HEAD = (
     "Select the best answer to the following multiple-choice question based on the video. "
     "Respond with only the letter ({letters}) of the correct option."
@@ -150,9 +150,10 @@ class EvalReport:
     """What ``evaluate`` found.
 
     Attributes:
-        results: one row per question: ``question_id``, ``video_id``, categories,
-            ``response``, ``predicted`` (letter or ``None``), ``answer``, ``correct``, and
-            the query timings; or ``error`` when its video could not be used.
+        results: one row per question, in answering order (grouped by video):
+            ``question_id``, ``video_id``, categories, ``response``, ``predicted`` (letter
+            or ``None``), ``answer``, ``correct`` and the query timings; or ``error`` when
+            its video could not be used.
         accuracy: correct / answered questions (``None`` when none was answered).
         by_category: ``{field: {value: {"correct", "total", "accuracy"}}}``.
         num_questions, num_answered, num_unparsed (answered, no letter found), num_failed.
@@ -191,19 +192,14 @@ def evaluate(
 ) -> EvalReport:
     """Answer every ``benchmark`` question greedily from the store's token sets, one
     shared prefix per video, and score the extracted letters."""
-    by_id = {}
-    questions = []
-    for index, item in enumerate(benchmark):
-        by_id[index] = item
-        questions.append(Question(id=index, video_id=item.video_id, text=item.prompt()))
-
+    questions = [Question(id=index, video_id=item.video_id, text=item.prompt()) for index, item in enumerate(benchmark)]
     results: list[QuestionResult] = list(
         answer_questions(engine, store, questions, config_fingerprint=config_fingerprint, max_new_tokens=max_new_tokens)
     )
     rows = []
     tallies: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for result in results:
-        item = by_id[result.question.id]
+        item = benchmark[result.question.id]
         row = {"question_id": item.question_id, "video_id": item.video_id, **item.categories, "answer": item.answer}
         if result.answer is None:
             rows.append(row | {"error": result.error})

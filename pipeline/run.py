@@ -132,7 +132,7 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
     fingerprint = config_fingerprint(model_id=config.model, model_revision=None,
                                      encoder_fingerprint=planner.fingerprint, sampling=sampling,
                                      sttm=config.sttm_options())
-    encoder_fingerprint = planner.fingerprint
+    encoder_fingerprint, model_frame_size = planner.fingerprint, planner.input_frame_size
     del planner
 
     connect(None)  # no-op when the caller already joined a cluster
@@ -151,7 +151,8 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
         dataset = dataset.map_batches(
             DecodeStage, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
-                                       policy=policy, config_fingerprint=fingerprint),
+                                       policy=policy, config_fingerprint=fingerprint,
+                                       model_frame_size=model_frame_size),
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_workers))
         dataset = dataset.map_batches(
             TokenizeStage, batch_size=1, batch_format="numpy",

@@ -23,7 +23,7 @@ import torch
 import sttm
 from pipeline.decode import DecodedVideo, SamplingPolicy, decode_video, fetch_video
 from pipeline.errors import VideoError
-from pipeline.models.base import load_adapter
+from pipeline.models.base import load_adapter, resize_like_video_processor
 from pipeline.store import StoredTokenSet, TokenStore, token_set_key
 from pipeline.uris import redact_urls, sanitize_uri
 
@@ -83,11 +83,13 @@ class DecodeStage:
     ``failed`` result fields.
     """
 
-    def __init__(self, store_url: str, storage_options: dict, policy: SamplingPolicy, config_fingerprint: str):
+    def __init__(self, store_url: str, storage_options: dict, policy: SamplingPolicy, config_fingerprint: str,
+                 model_frame_size: tuple[int, int] | None = None):
         self.store = TokenStore(store_url, storage_options)
         self.storage_options = storage_options
         self.policy = policy
         self.config_fingerprint = config_fingerprint
+        self.model_frame_size = model_frame_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return rows_to_batch([self.decode_one(row["video_id"], row["uri"]) for row in batch_to_rows(batch)])
@@ -106,7 +108,10 @@ class DecodeStage:
                 logger.exception("unexpected error decoding %s", sanitize_uri(uri))
             return {**failed_row(video_id, uri, "decode", error, seconds=time.perf_counter() - started),
                     **_no_frames()}
-        frames = video.frames.numpy()
+        frames = video.frames
+        if self.model_frame_size:  # the model's own resize, here on a CPU worker instead of the GPU actor
+            frames = resize_like_video_processor(frames.permute(0, 3, 1, 2), self.model_frame_size).permute(0, 2, 3, 1)
+        frames = frames.contiguous().numpy()
         return {
             **result_row(video_id, uri, "decoded", content_hash=video.content_hash,
                          seconds=time.perf_counter() - started),

@@ -8,10 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import fsspec
+import psutil
 import pytest
 import ray
 
@@ -27,7 +29,7 @@ FRAMES = 4  # small and fast; the sampling itself is tested in test_decode.py
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -127,16 +129,21 @@ def test_killed_job_resumes_with_nothing_missing_and_nothing_twice(tmp_path):
     store_dir = tmp_path / "store"
     command = [sys.executable, "-m", "pipeline.cli", "preprocess", str(videos), "--output", str(store_dir),
                "--model", MODEL, "--frames", str(FRAMES), "--json"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # The job's own Ray cluster lives under this temp dir, so that the processes a
+    # SIGKILLed driver leaves behind can be found and stopped afterwards.
+    # (Short: Ray's unix socket paths must fit in 107 bytes.)
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": str(ray_dir), "RAY_ADDRESS": "local"}
 
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                            start_new_session=True)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (store_dir / "index").exists():
+    while time.monotonic() < deadline and job.poll() is None and not (store_dir / "index").exists():
         time.sleep(0.2)
     assert job.poll() is None, "the job ended before it could be killed"
     os.killpg(job.pid, signal.SIGKILL)  # the driver and its Ray workers, mid-run
     job.wait()
+    stop_processes_under(ray_dir)
     stored_before = len(token_objects(store_dir))
     assert 1 <= stored_before < 6
     assert not (store_dir / "manifests").exists()
@@ -151,9 +158,16 @@ def test_killed_job_resumes_with_nothing_missing_and_nothing_twice(tmp_path):
     assert sorted(s.video_id for s in store.list()) == [f"clip{i}" for i in range(6)]
 
 
+def stop_processes_under(directory: Path) -> None:
+    """Kill the Ray processes (raylet, GCS, workers) whose command line names ``directory``."""
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(directory) in part for part in process.info["cmdline"] or []):
+            process.kill()
+
+
 def test_cli_exit_code_follows_the_failure_rate(tmp_path):
     make_corpus(tmp_path / "videos")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}  # a fresh embedded Ray
     base = [sys.executable, "-m", "pipeline.cli", "preprocess", str(tmp_path / "videos"), "--output",
             str(tmp_path / "store"), "--model", MODEL, "--frames", str(FRAMES), "--budget", "0.3", "--json"]
     strict = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)

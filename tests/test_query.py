@@ -275,7 +275,7 @@ def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engine
     assert "no token set for video id 'no-such-video'" in by_id["q6"]
     assert "another vision encoder" in by_id["q7"]
     assert summary.timings["num_videos"] == 2
-    assert summary.timings["saved_s"] == pytest.approx(answers[0]["prefill_s"], abs=1e-6)
+    assert summary.timings["saved_s"] == pytest.approx(answers[0]["prefill_s"], abs=2e-6)
 
 
 def test_a_questions_file_without_questions_is_an_error(engines, store, tmp_path):

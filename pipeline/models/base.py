@@ -82,6 +82,11 @@ class VideoAdapter(ABC):
     fingerprint: str
     stage: nn.Module
     settings: dict[str, Any]
+    # The fixed (height, width) the model resizes every frame to, or None when the size
+    # depends on the video. The pipeline resizes on its CPU decode workers (with
+    # ``resize_like_video_processor``, so the result is the same) and the GPU actor's
+    # resize becomes a no-op.
+    input_frame_size: tuple[int, int] | None = None
 
     def _load(self, model_id: str, stage_class, processor_defaults: dict[str, Any], device, dtype) -> None:
         """Load ``stage_class`` (a ``PreTrainedModel`` holding only the vision side) and the
@@ -171,8 +176,8 @@ def normalize_frames(frames: torch.Tensor, settings: dict[str, Any]) -> torch.Te
     r)`` in float32, so the result matches the video processors bit for bit.
     """
     scale = 1.0 / settings["rescale_factor"]
-    mean = (torch.tensor(settings["image_mean"]) * scale).view(-1, 1, 1)
-    std = (torch.tensor(settings["image_std"]) * scale).view(-1, 1, 1)
+    mean = (torch.tensor(settings["image_mean"], device=frames.device) * scale).view(-1, 1, 1)
+    std = (torch.tensor(settings["image_std"], device=frames.device) * scale).view(-1, 1, 1)
     return (frames.to(torch.float32) - mean) / std
 
 

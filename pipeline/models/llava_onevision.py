@@ -90,11 +90,17 @@ class LlavaOnevisionAdapter(VideoAdapter):
         """32 uniformly spread frames, as LLaVA-OneVision is evaluated on video."""
         return UniformSampling(num_frames=32)
 
+    @property
+    def input_frame_size(self) -> tuple[int, int]:
+        return self.settings["size"]["height"], self.settings["size"]["width"]
+
     def preprocess(self, video: DecodedVideo) -> dict[str, torch.Tensor]:
-        """``pixel_values_videos``: float32 ``[1, T, 3, 384, 384]``."""
-        size = (self.settings["size"]["height"], self.settings["size"]["width"])
-        frames = resize_like_video_processor(video.frames.permute(0, 3, 1, 2).contiguous(), size)
-        return {"pixel_values_videos": normalize_frames(frames, self.settings)[None]}
+        """``pixel_values_videos``: float32 ``[1, T, 3, 384, 384]`` on the adapter's device.
+
+        The resize runs on the CPU (the processors' uint8 kernel; a no-op for frames the
+        pipeline's decode workers already resized), the normalization on the device."""
+        frames = resize_like_video_processor(video.frames.permute(0, 3, 1, 2).contiguous(), self.input_frame_size)
+        return {"pixel_values_videos": normalize_frames(frames.to(self.device), self.settings)[None]}
 
     @torch.no_grad()
     def encode(self, video: DecodedVideo) -> EncodedVideo:
