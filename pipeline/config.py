@@ -19,9 +19,10 @@ from pipeline.samples import SAMPLE_DIR
 DEFAULT_MODEL = "tiny-random:llava-onevision"
 DEFAULT_STORE = "./sttm-store"
 
-# Decoding a 64-frame 384px video takes about as long on 4 CPU cores as the vision tower
-# of a 7B LLaVA-OneVision on one H100 (jobs/bench_decode.py and the GPU benchmarks), so a
-# GPU worker asks for that many decode cores beside it.
+# Decode cores that keep one GPU encoder busy. Measured (README "Performance"): one H100
+# encodes 228 frames/s (LLaVA-OneVision-7B shapes, 128-frame videos, encode + STTM), while
+# one CPU core decodes about 85 sampled 720p frames/s and resizes about 350 frames/s to
+# 384x384: 68 frames/s per core, so 228 / 68 = 3.4 cores per GPU, rounded up.
 CPUS_PER_GPU_WORKER = 4
 
 

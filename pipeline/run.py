@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from pipeline.config import PreprocessConfig
+from pipeline.config import CPUS_PER_GPU_WORKER, PreprocessConfig
 from pipeline.fingerprint import config_fingerprint
 from pipeline.inputs import VideoInput, list_inputs
 from pipeline.models.base import load_adapter
@@ -147,7 +147,7 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
                                       override_num_blocks=len(inputs))
         # Decoding runs in its own pool of CPU actors (an actor pool is never fused into
         # the next stage, so decode keeps its own cores and overlaps with encoding).
-        decode_workers = config.decode_concurrency or max(1, int(ray.cluster_resources().get("CPU", 1) - config.encode_workers * config.cpus_per_encode_worker))
+        decode_workers = config.decode_concurrency or _decode_workers(config, gpus)
         dataset = dataset.map_batches(
             DecodeStage, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
@@ -169,6 +169,14 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
     summary = _record(store, config, run_id, fingerprint, started_at, rows)
     summary.seconds = time.perf_counter() - clock
     return summary
+
+
+def _decode_workers(config: PreprocessConfig, gpus: float) -> int:
+    """Decode actors: CPUS_PER_GPU_WORKER per GPU encoder (what keeps it fed), else the
+    cores the encoders leave free; never more than the cluster's CPUs."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    free = max(1, cpus - int(config.encode_workers * config.cpus_per_encode_worker))
+    return min(CPUS_PER_GPU_WORKER * config.encode_workers, free) if gpus else free
 
 
 def _first_result_per_video(results) -> list[dict[str, Any]]:
