@@ -161,7 +161,8 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
                                        sttm_options=config.sttm_options(), sampling=sampling,
                                        encoder_fingerprint=encoder_fingerprint, config_fingerprint=fingerprint,
                                        run_id=run_id),
-            compute=ray.data.ActorPoolStrategy(size=config.encode_workers), num_gpus=gpus,
+            # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
             num_cpus=config.cpus_per_encode_worker)
         rows += _first_result_per_video(dataset.iter_rows())
 

@@ -25,6 +25,7 @@ def test_worker_node_removed_mid_run(tmp_path):
     config = PreprocessConfig(input=str(videos), output=str(store_dir), model="tiny-random:llava-onevision",
                               frames=4, encode_workers=2, progress=False)
 
+    # The head alone can still run the whole pipeline (a decode actor and an encoder).
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     worker = cluster.add_node(num_cpus=3)
     cluster.wait_for_nodes()
