@@ -117,7 +117,13 @@ class LlavaOnevisionAdapter(VideoAdapter):
 
         # 2x2 bilinear pooling of each frame's 27x27 grid to 14x14 (the model's apply_pooling)
         num_frames = features.shape[0]
-        grid = features.view(num_frames, self.patch_grid, self.patch_grid, -1).permute(0, 3, 1, 2).contiguous()
+        grid = features.view(num_frames, self.patch_grid, self.patch_grid, -1).permute(0, 3, 1, 2)
+        if not (grid.is_cuda and grid.dtype == torch.bfloat16):
+            # The model's own layout (NCHW). On CUDA in bf16 the channels-last view above
+            # gives bit-identical output 200x faster (183 ms -> 0.8 ms for 128 frames of
+            # 7B-sized tokens on an H100); in float32 its rounding differs, so other
+            # dtypes and the CPU keep the model's kernel.
+            grid = grid.contiguous()
         pooled = F.interpolate(grid, size=[self.pooled_grid, self.pooled_grid], mode="bilinear")
         tokens = pooled.permute(0, 2, 3, 1).contiguous()  # [T, 14, 14, C]
         return EncodedVideo(
