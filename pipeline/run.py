@@ -129,10 +129,10 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
     planner = load_adapter(config.model, device="cpu")
     policy = config.sampling_policy() or planner.default_sampling()
     sampling = sampling_dict(policy)
-    fingerprint = config_fingerprint(model_id=config.model, model_revision=None,
-                                     encoder_fingerprint=planner.fingerprint, sampling=sampling,
-                                     sttm=config.sttm_options())
     encoder_fingerprint, model_frame_size = planner.fingerprint, planner.input_frame_size
+    fingerprint = config_fingerprint(model_id=config.model, model_revision=None,
+                                     encoder_fingerprint=encoder_fingerprint, sampling=sampling,
+                                     sttm=config.sttm_options())
     del planner
 
     connect(None)  # no-op when the caller already joined a cluster
@@ -167,9 +167,7 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
         rows += _first_result_per_video(dataset.iter_rows())
 
     rows += _lost(inputs, rows)
-    summary = _record(store, config, run_id, fingerprint, started_at, rows)
-    summary.seconds = time.perf_counter() - clock
-    return summary
+    return _record(store, config, run_id, fingerprint, started_at, rows, seconds=time.perf_counter() - clock)
 
 
 def _decode_workers(config: PreprocessConfig, gpus: float) -> int:
@@ -195,7 +193,7 @@ def _lost(inputs: list[VideoInput], rows: list[dict[str, Any]]) -> list[dict[str
 
 
 def _record(store: TokenStore, config: PreprocessConfig, run_id: str, fingerprint: str,
-            started_at: datetime, rows: list[dict[str, Any]]) -> RunSummary:
+            started_at: datetime, rows: list[dict[str, Any]], seconds: float) -> RunSummary:
     """Write failure records and the run manifest; summarise."""
     failures = [row for row in rows if row["status"] == "failed"]
     for row in failures:
@@ -216,7 +214,7 @@ def _record(store: TokenStore, config: PreprocessConfig, run_id: str, fingerprin
     return RunSummary(
         run_id=run_id, store=store.url, config_fingerprint=fingerprint,
         inputs=len(rows), stored=counts["stored"], skipped=counts["skipped"], failed=counts["failed"],
-        bytes_written=sum(row["bytes"] for row in stored), seconds=0.0,
+        bytes_written=sum(row["bytes"] for row in stored), seconds=seconds,
         retention=dict(min=min(retentions), median=statistics.median(retentions),
                        mean=statistics.fmean(retentions), max=max(retentions)) if retentions else {},
         failures=[{k: row[k] for k in ("video_id", "stage", "error_type", "message")} for row in failures])
