@@ -11,6 +11,7 @@ travel in one Arrow column.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import time
@@ -29,7 +30,7 @@ from pipeline.uris import redact_urls, sanitize_uri
 
 logger = logging.getLogger(__name__)
 
-PIPELINE_VERSION = "0.1.0"
+PIPELINE_VERSION = importlib.metadata.version("sttm-pipeline")  # pyproject.toml is the one source
 
 # Columns of the rows the tokenize stage returns (and the job collects).
 RESULT_COLUMNS = ("video_id", "uri", "status", "stage", "error_type", "message", "key", "content_hash",

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import cached_file
 from transformers.video_processing_utils import BaseVideoProcessor
 
@@ -34,6 +35,19 @@ from pipeline.models.tiny_random import resolve_model
 # transformers' value for bicubic (PILImageResampling.BICUBIC), the only resampling the
 # supported video processors use.
 BICUBIC = 3
+
+
+# The video processors' shared class defaults (bicubic resize, rescale to [0, 1], CLIP
+# normalization); each family adds its own size and patching settings.
+CLIP_PIXEL_DEFAULTS = dict(
+    resample=3,
+    rescale_factor=1 / 255,
+    image_mean=list(OPENAI_CLIP_MEAN),
+    image_std=list(OPENAI_CLIP_STD),
+    do_resize=True,
+    do_rescale=True,
+    do_normalize=True,
+)
 
 
 class UnsupportedModelError(ValueError):

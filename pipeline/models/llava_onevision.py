@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionMultiModalProjector,
     LlavaOnevisionPreTrainedModel,
@@ -36,6 +35,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 
 from pipeline.decode import DecodedVideo, UniformSampling
 from pipeline.models.base import (
+    CLIP_PIXEL_DEFAULTS,
     EncodedVideo,
     UnsupportedModelError,
     VideoAdapter,
@@ -46,13 +46,7 @@ from pipeline.models.base import (
 # LlavaOnevisionVideoProcessor's class defaults, for settings a checkpoint leaves out.
 VIDEO_PROCESSOR_DEFAULTS = dict(
     size={"height": 384, "width": 384},
-    resample=3,
-    rescale_factor=1 / 255,
-    image_mean=list(OPENAI_CLIP_MEAN),
-    image_std=list(OPENAI_CLIP_STD),
-    do_resize=True,
-    do_rescale=True,
-    do_normalize=True,
+    **CLIP_PIXEL_DEFAULTS,
 )
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoConfig
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLPreTrainedModel,
@@ -45,19 +44,13 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 )
 
 from pipeline.decode import DecodedVideo, QwenSampling, smart_resize
-from pipeline.models.base import EncodedVideo, VideoAdapter, normalize_frames, resize_like_video_processor
+from pipeline.models.base import CLIP_PIXEL_DEFAULTS, EncodedVideo, VideoAdapter, normalize_frames, resize_like_video_processor
 from pipeline.models.tiny_random import resolve_model
 
 # Qwen2VLVideoProcessor's class defaults, for settings a checkpoint leaves out.
 VIDEO_PROCESSOR_DEFAULTS = dict(
     size={"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768},
-    resample=3,
-    rescale_factor=1 / 255,
-    image_mean=list(OPENAI_CLIP_MEAN),
-    image_std=list(OPENAI_CLIP_STD),
-    do_resize=True,
-    do_rescale=True,
-    do_normalize=True,
+    **CLIP_PIXEL_DEFAULTS,
     patch_size=14,
     temporal_patch_size=2,
     merge_size=2,
