@@ -5,7 +5,7 @@ CI has no GPU, so this runs on the lent GPU machine:
     python -m jobs.check_sttm_cuda --out jobs/results/check_sttm_cuda.json
 
 For random shapes, thresholds and options it compares the CUDA result with the CPU
-result (token structure equal, features within float rounding) and runs CUDA twice
+result (token structure equal, features within one rounding step of the dtype) and runs CUDA twice
 (bitwise equal). Exits non-zero on any mismatch.
 """
 from __future__ import annotations
@@ -28,10 +28,16 @@ def compare(x: torch.Tensor, **options) -> dict:
     same_structure = (torch.equal(cpu.assignment, gpu.assignment.cpu()) and torch.equal(cpu.box, gpu.box.cpu())
                       and torch.equal(cpu.num_patches, gpu.num_patches.cpu()))
     error = (gpu.features.cpu().double() - cpu.features.double()).norm() / cpu.features.double().norm()
+    # Both devices sum the features in float32, but their kernels add in different orders,
+    # so a 16-bit output may round one step apart: allow one unit in the last place.
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[x.dtype]
+    within_rounding = same_structure and bool(
+        torch.allclose(gpu.features.cpu().float(), cpu.features.float(), rtol=rtol, atol=1e-6))
     deterministic = torch.equal(gpu.features, again.features) and torch.equal(gpu.assignment, again.assignment)
     return dict(shape=list(x.shape), dtype=str(x.dtype), options={**options, "retention": budget},
                 cpu_tokens=cpu.num_tokens, gpu_tokens=gpu.num_tokens, same_structure=same_structure,
-                relative_feature_error=float(error), deterministic=deterministic)
+                relative_feature_error=float(error), features_within_rounding=within_rounding,
+                deterministic=deterministic)
 
 
 def main() -> int:
@@ -51,8 +57,7 @@ def main() -> int:
     # float32 structure must match exactly; bf16 features go through the same float32
     # math, so the structure matches too unless a similarity lands within rounding of
     # a threshold.
-    failures = [c for c in cases if not c["deterministic"] or not c["same_structure"]
-                or c["relative_feature_error"] > 1e-5]
+    failures = [c for c in cases if not (c["deterministic"] and c["same_structure"] and c["features_within_rounding"])]
     for case in cases:
         print(json.dumps(case))
     print(f"{len(cases) - len(failures)} passed, {len(failures)} failed")

@@ -2,33 +2,45 @@
 
 The work splits into a part that does not depend on the thresholds and a part that does:
 
-1. ``build_pyramid``: cell features of every pyramid level of every frame, their
-   per-head inverse norms, and each cell's lowest similarity to its children.
-2. ``select_spatial``: the quadtree search of section 1 for a given ``tau_s`` (a few
+1. ``cell_similarities``: every similarity the search can compare against, once per
+   video: each cell against its children (spec section 1) and each cell against the
+   nested cells of the previous frame (section 2).
+2. ``emitted_cells``: the quadtree search of section 1 for a given ``tau_s`` (a few
    index operations per level, no arithmetic over channels).
-3. ``link_frames``: every spatial token picks its parent one frame back (section 2);
-   trees become tokens.
+3. ``choose_parents``: every token picks its parent one frame back (section 2).
+4. ``assemble``: trees become tokens; their features are weighted sums of input patches.
 
-``merge`` runs 1-3 once. ``merge_to_budget`` runs 1 once, precomputes every similarity
-a temporal link could ever need, then bisects over the thresholds with 2-3 alone.
+``merge`` runs 1-4 once. ``merge_to_budget`` runs 1 once, counts the tokens of many
+thresholds at a time with 2 and the link test of 3, then runs 2-4 at the chosen one.
 
-Everything is batched over frames; Python loops run over pyramid levels only. The
-features are accumulated in float32 (float64 for float64 input) and cast back at the end.
+**Why no cell features.** Every cell feature is a fixed weighted sum of the finest
+patches of its root-level cell (its *block*, ``sttm.quadtree``), and every pair the
+algorithm compares lies inside one block. So all the dot products come from small
+per-block Gram matrices of patches (``[n, n]``, ``n`` = patches per block, 16 on a
+14x14 grid with root level 1), one matmul per frame and per frame pair, instead of
+building coarse features and reading channels once per compared pair. The only other
+pass over the channels is the output features. Python loops run over pyramid levels
+only; there are no loops over tokens or frames, and no host syncs but the output size.
+
+Similarities are computed in float32 (float64 for float64 input) with IEEE float32
+matmuls, features accumulated likewise and cast back to the input dtype at the end.
+Everything is deterministic: there are no float atomics.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from sttm.quadtree import Quadtree, quadtree
 from sttm.token_set import TokenSet
 
 EPS = 1e-8
 NEVER_MERGE = 2.0  # a threshold above every possible cosine similarity
+PROBE_ELEMENTS = 2**24  # how many (threshold, pair) tests one budget-search round may hold
 
 
 # --------------------------------------------------------------------------- checks
@@ -57,290 +69,254 @@ def _check_threshold(name: str, tau: float | None, *, optional: bool) -> None:
         raise ValueError(f"{name} must be a number (cosine similarity in [-1, 1]), got {tau!r}")
 
 
-# --------------------------------------------------------------------------- pyramid
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- similarities
 
 
 @dataclass(frozen=True)
-class Pyramid:
-    """Threshold-independent state of one video.
+class CellSimilarities:
+    """Threshold-independent similarities of one video's cells.
 
     Attributes:
-        tree: index tables of one frame's cells (``P`` cells over the used levels).
-        features: ``[T, P, C]`` cell features (plain or patch-weighted means).
-        inv_norm: ``[T, P, heads]`` ``1 / ((|head| + eps) * sqrt(heads))`` per cell, so
-            summing per-head dot products times both cells' factors gives the
-            head-averaged cosine (kept instead of unit vectors to save a full pass).
+        tree: index tables of one frame's ``P`` cells.
         min_child_sim: ``[T, P]`` lowest cosine similarity between a cell and its
             children; ``+inf`` for finest cells, which are always emitted.
-        weighted: whether features are patch-count weighted.
-        dtype: the input's dtype, restored on output.
+        nested_sim: ``[T-1, E]`` cosine similarity of each nested cell pair of
+            ``tree.nested`` in frames ``(t, t+1)``; ``None`` without temporal merging.
     """
 
     tree: Quadtree
-    features: torch.Tensor
-    inv_norm: torch.Tensor
     min_child_sim: torch.Tensor
-    weighted: bool
-    dtype: torch.dtype
+    nested_sim: torch.Tensor | None
 
     @property
     def num_frames(self) -> int:
-        return self.features.shape[0]
+        return self.min_child_sim.shape[0]
 
 
-def _pool_pairs(children: torch.Tensor, pad: tuple[int, int], fill: float = 0.0) -> torch.Tensor:
-    """``[T, h, w, ...]`` -> ``[T, ceil(h/2), 2, ceil(w/2), 2, ...]``: each parent's children.
-
-    An odd axis gets one ``fill`` slot in front, so its first index stands alone.
-    """
-    pad_rows, pad_cols = pad
-    if pad_rows or pad_cols:
-        trailing = [0, 0] * (children.dim() - 3)
-        children = F.pad(children, trailing + [pad_cols, 0, pad_rows, 0], value=fill)
-    t, h, w = children.shape[:3]
-    return children.view(t, h // 2, 2, w // 2, 2, *children.shape[3:])
-
-
-def head_dots(a: torch.Tensor, b: torch.Tensor, heads: int) -> torch.Tensor:
-    """``[..., C] x [..., C] -> [..., heads]``: dot products per head (broadcasting)."""
-    product = a * b
-    return product.view(*product.shape[:-1], heads, -1).sum(-1)
+@contextlib.contextmanager
+def _ieee_float32_matmuls() -> Iterator[None]:
+    """TF32 matmuls (``set_float32_matmul_precision("high")``, a common speed setting)
+    would round the patches to 10 mantissa bits; the spec asks for float32 similarities."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
-def cosine(a: torch.Tensor, b: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor) -> torch.Tensor:
-    """Head-averaged cosine similarity from features and their ``Pyramid.inv_norm`` rows."""
-    heads = inv_a.shape[-1]
-    # (inv_a * inv_b) first: symmetric in a and b to the last bit, so a pair's
-    # similarity is the same whichever side it is computed from.
-    return (head_dots(a, b, heads) * (inv_a * inv_b)).sum(-1).clamp_(-1.0, 1.0)
-
-
-def build_pyramid(x: torch.Tensor, root_level: int, weighted: bool, head_dim: int | None) -> Pyramid:
-    """Cell features and parent-child similarities of every used level (spec section 1)."""
+def cell_similarities(x: torch.Tensor, root_level: int, weighted: bool, head_dim: int | None,
+                      temporal: bool) -> CellSimilarities:
+    """Parent-child similarities and, with ``temporal``, nested-pair similarities one
+    frame apart, of ``x [T, H, W, C]`` (spec sections 1-2)."""
     frames, height, width, channels = x.shape
     tree = quadtree(height, width, root_level, x.device)
-    compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-
-    # Coarser cells are sums of their children (weighted: sums of patches, divided by
-    # the patch count at the end; plain: the mean of the children, level by level).
-    features = x.new_empty((frames, tree.num_cells, channels), dtype=compute_dtype)
-    features[:, tree.level_slice(-1)] = x.reshape(frames, height * width, channels)
-    for lvl in reversed(range(tree.num_levels - 1)):
-        h, w = tree.sizes[lvl + 1]
-        children = features[:, tree.level_slice(lvl + 1)].view(frames, h, w, channels)
-        sums = _pool_pairs(children, tree.pad[lvl]).sum(dim=(2, 4))
-        if not weighted:
-            sums /= tree.child_count[lvl][..., None]
-        features[:, tree.level_slice(lvl)] = sums.reshape(frames, -1, channels)
-    if weighted:
-        features /= tree.num_patches[:, None].to(compute_dtype)
-
+    compute_dtype = _compute_dtype(x)
     heads = channels // (head_dim or channels)
-    norms = features.view(frames, tree.num_cells, heads, -1).norm(dim=-1)  # [T, P, heads]
-    if not bool(torch.isfinite(norms).all()):  # cheaper than scanning x; NaN/inf reach every norm
+    blocks, block_size = tree.block_patches.shape
+
+    # [T, R, heads, n, head size]: each block's patches, split into heads.
+    patches = x.reshape(frames, height * width, channels).index_select(1, tree.block_patches.flatten())
+    patches = patches.view(frames, blocks, block_size, heads, channels // heads).transpose(2, 3)
+    weights = tree.block_weights[weighted].to(compute_dtype)[:, None]  # [R, 1, m, n]: cells from patches
+    with _ieee_float32_matmuls():
+        # Cell dot products per head, cell . cell' = w G w'^T with G the patches' Gram matrix.
+        dots = weights @ _gram(patches, patches, compute_dtype) @ weights.transpose(-1, -2)  # [T, R, heads, m, m]
+        if temporal and frames > 1:
+            cross_dots = weights @ _gram(patches[:-1], patches[1:], compute_dtype) @ weights.transpose(-1, -2)
+
+    squared_norms = dots.diagonal(dim1=-2, dim2=-1)  # [T, R, heads, m]
+    if not bool(torch.isfinite(squared_norms).all()):  # NaN or inf in x reaches every norm of its block
         raise ValueError("x contains NaN or inf values (or values too large to compare in float32)")
-    inv_norm = 1.0 / ((norms + EPS) * math.sqrt(heads))
+    # 1 / ((|cell| + eps) sqrt(heads)): the product of two gives the head average of cosines.
+    inv_norm = 1.0 / ((squared_norms.clamp(min=0).sqrt() + EPS) * math.sqrt(heads))
 
+    parent_cell, child_pair = tree.children
+    child_sim = _cosines(dots, inv_norm, inv_norm)[:, child_pair]  # [T, E_c]
     min_child_sim = torch.full((frames, tree.num_cells), math.inf, dtype=compute_dtype, device=x.device)
-    for lvl in range(tree.num_levels - 1):
-        h, w = tree.sizes[lvl]
-        child_h, child_w = tree.sizes[lvl + 1]
-        children = tree.level_slice(lvl + 1)
-        parents = tree.level_slice(lvl)
-        sims = cosine(
-            _pool_pairs(features[:, children].view(frames, child_h, child_w, channels), tree.pad[lvl]),
-            features[:, parents].view(frames, h, 1, w, 1, channels),
-            _pool_pairs(inv_norm[:, children].view(frames, child_h, child_w, heads), tree.pad[lvl]),
-            inv_norm[:, parents].view(frames, h, 1, w, 1, heads),
-        )  # [T, h, 2, w, 2]
-        pad_rows, pad_cols = tree.pad[lvl]
-        if pad_rows:
-            sims[:, 0, 0] = math.inf  # the empty slot in front of an odd child axis
-        if pad_cols:
-            sims[:, :, :, 0, 0] = math.inf
-        min_child_sim[:, parents] = sims.amin(dim=(2, 4)).reshape(frames, -1)
-    return Pyramid(tree, features, inv_norm, min_child_sim, weighted, x.dtype)
+    min_child_sim.scatter_reduce_(1, parent_cell.expand(frames, -1), child_sim, reduce="amin")
+    nested_sim = None
+    if temporal and frames > 1:
+        nested_sim = _cosines(cross_dots, inv_norm[:-1], inv_norm[1:])[:, tree.nested[2]]  # [T-1, E_n]
+    return CellSimilarities(tree, min_child_sim, nested_sim)
 
 
-# --------------------------------------------------------------------------- spatial
+def _gram(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b^T`` over the last two dims, in ``compute_dtype``.
 
-
-@dataclass(frozen=True)
-class SpatialTokens:
-    """The spatial tokens of a video, ordered by ``(t, y0, x0)``.
-
-    Attributes:
-        frame: ``[S]`` frame of each token.
-        cell: ``[S]`` cell number of each token (index into the quadtree tables).
-        patch_token: ``[T, H*W]`` token covering each finest patch.
+    Half-precision input on CUDA goes through the tensor cores with float32 output:
+    products of 16-bit floats are exact in float32 and the sums are float32, as after
+    upcasting, without writing an upcast copy of the patches. Elsewhere: upcast, then
+    multiply.
     """
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and compute_dtype == torch.float32:
+        shape = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        gram = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]).transpose(1, 2),
+                         out_dtype=torch.float32)
+        return gram.view(*shape, a.shape[-2], b.shape[-2])
+    a, b = a.to(compute_dtype), b.to(compute_dtype)
+    return a @ b.transpose(-1, -2)
 
-    frame: torch.Tensor
-    cell: torch.Tensor
-    patch_token: torch.Tensor
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.frame.shape[0])
+def _cosines(dots: torch.Tensor, inv_rows: torch.Tensor, inv_columns: torch.Tensor) -> torch.Tensor:
+    """``[T', R*m*m]`` head-averaged cosines from per-head dot products ``[T', R, heads, m, m]``."""
+    scale = inv_rows[..., :, None] * inv_columns[..., None, :]
+    return (dots * scale).sum(2).clamp_(-1.0, 1.0).flatten(1)
 
 
-def select_spatial(pyramid: Pyramid, tau_s: float) -> SpatialTokens:
-    """Coarse-to-fine search from the root level: emit a cell when every child is similar."""
-    tree = pyramid.tree
-    frames = pyramid.num_frames
-    merges = pyramid.min_child_sim >= tau_s  # finest cells: +inf, always true
+# --------------------------------------------------------------------------- search
+
+
+def emitted_cells(tree: Quadtree, min_child_sim: torch.Tensor, tau_s: torch.Tensor) -> torch.Tensor:
+    """``[..., T, P]`` bool: the cells the coarse-to-fine search emits as tokens.
+
+    A cell is emitted when it is reached (every ancestor split) and all its children are
+    similar to it. ``tau_s`` is a scalar tensor or ``[K, 1, 1]`` (K thresholds at once).
+    """
+    merges = min_child_sim >= tau_s  # finest cells: +inf, always true
     active = torch.zeros_like(merges)
-    active[:, tree.level_slice(0)] = True
+    active[..., tree.level_slice(0)] = True
     for lvl in range(1, tree.num_levels):
         cells = tree.level_slice(lvl)
         parents = tree.parent[cells]
-        active[:, cells] = active[:, parents] & ~merges[:, parents]
-    emitted = active & merges  # [T, P]
-
-    # Exactly one level emits a cell over each patch; a patch whose cell starts at it
-    # is a token's top-left corner, and raster order of corners is the token order.
-    num_patches = tree.cover.shape[1]
-    emitted_per_level = emitted[:, tree.cover]  # [T, L, H*W]
-    level_of_patch = emitted_per_level.to(torch.uint8).argmax(dim=1)  # [T, H*W]
-    patch_index = torch.arange(num_patches, device=emitted.device)
-    cell_of_patch = tree.cover[level_of_patch, patch_index]  # [T, H*W]
-    corner_of_patch = tree.top_left[cell_of_patch]
-    is_corner = corner_of_patch == patch_index
-    frame, corner = is_corner.nonzero(as_tuple=True)
-    token_at_corner = (is_corner.view(-1).cumsum(0) - 1).view(frames, num_patches)
-    return SpatialTokens(
-        frame=frame,
-        cell=cell_of_patch[frame, corner],
-        patch_token=token_at_corner.gather(1, corner_of_patch),
-    )
+        active[..., cells] = active[..., parents] & ~merges[..., parents]
+    return active & merges
 
 
-# --------------------------------------------------------------------------- temporal
+def _links(tree: Quadtree, nested_sim: torch.Tensor, emitted: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+    """``[..., T-1, E]`` bool: nested pairs of tokens one frame apart similar enough to link."""
+    later, earlier, _ = tree.nested
+    return emitted[..., 1:, later] & emitted[..., :-1, earlier] & (nested_sim >= tau_t)
 
 
-@dataclass(frozen=True)
-class CandidatePairs:
-    """Nested token pairs ``(a in frame t, b in frame t+1)`` (spec section 2).
+def choose_parents(tree: Quadtree, nested_sim: torch.Tensor, emitted: torch.Tensor, tau_t: torch.Tensor) -> torch.Tensor:
+    """``[T-1, P]`` the parent cell, one frame back, of each token of frames ``1..T-1``
+    (-1: none): its most similar nested token with ``sim >= tau_t``, ties to the earlier
+    token in ``(t, y0, x0)`` order."""
+    later, earlier, _ = tree.nested
+    links = _links(tree, nested_sim, emitted, tau_t)
+    num_cells = tree.num_cells
+    to_later = later.expand_as(links)
+    best = torch.full((links.shape[0], num_cells), -math.inf, dtype=nested_sim.dtype, device=links.device)
+    best.scatter_reduce_(1, to_later, torch.where(links, nested_sim, -math.inf), reduce="amax")
+    is_best = links & (nested_sim == best.gather(1, to_later))
+    # A token's candidates that are tokens are disjoint cells of one frame, so their
+    # top-left patches differ and give the token order; the key also names the cell.
+    no_key = int(tree.cover.shape[1]) * num_cells
+    key = torch.where(is_best, tree.top_left[earlier] * num_cells + earlier, no_key)
+    chosen = torch.full_like(best, no_key, dtype=torch.long).scatter_reduce_(1, to_later, key, reduce="amin")
+    return torch.where(chosen < no_key, chosen % num_cells, -1)
 
-    ``a[:n_down]`` contain their ``b`` (or have the same box); ``b[n_down:]`` strictly
-    contain their ``a``. Each ``b`` has at most one containing ``a``, and each ``a``
-    at most one strictly containing ``b``.
+
+def _token_counts(sims: CellSimilarities, taus: torch.Tensor) -> torch.Tensor:
+    """``[K]`` output token count at each of ``taus [K]`` (``tau_s = tau_t = tau``).
+
+    Each output token is a tree with one root, a token without a parent, so the count
+    is the spatial tokens minus those that link to a parent; which parent each picks
+    does not matter.
     """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    num_down: int
-
-
-def candidate_pairs(pyramid: Pyramid, tokens: SpatialTokens) -> CandidatePairs:
-    """Pair every token with the tokens one frame away that cover its top-left patch."""
-    tree = pyramid.tree
-    last_frame = pyramid.num_frames - 1
-    ids = torch.arange(tokens.num_tokens, device=tokens.frame.device)
-    level = tree.level[tokens.cell]
-    corner = tree.top_left[tokens.cell]
-    # Cells of two quadtrees over one grid nest or are disjoint, so the token over
-    # b's corner one frame back contains b exactly when it is not finer than b.
-    prev = tokens.patch_token[(tokens.frame - 1).clamp(min=0), corner]
-    down = (tokens.frame > 0) & (level[prev] <= level)
-    nxt = tokens.patch_token[(tokens.frame + 1).clamp(max=last_frame), corner]
-    up = (tokens.frame < last_frame) & (level[nxt] < level)
-    return CandidatePairs(
-        a=torch.cat([prev[down], ids[up]]),
-        b=torch.cat([ids[down], nxt[up]]),
-        num_down=int(down.sum()),
-    )
-
-
-PairSimilarity = Callable[[SpatialTokens, CandidatePairs], torch.Tensor]
-
-
-def direct_similarity(pyramid: Pyramid) -> PairSimilarity:
-    """Cosine similarity of each candidate pair, computed from the pair's features."""
-    features = pyramid.features.flatten(0, 1)
-    inv_norm = pyramid.inv_norm.flatten(0, 1)
-    cells = pyramid.tree.num_cells
-
-    def similarity(tokens: SpatialTokens, pairs: CandidatePairs) -> torch.Tensor:
-        rows = tokens.frame * cells + tokens.cell
-        a, b = rows[pairs.a], rows[pairs.b]
-        return cosine(features[a], features[b], inv_norm[a], inv_norm[b])
-
-    return similarity
-
-
-def choose_parents(num_tokens: int, pairs: CandidatePairs, sims: torch.Tensor, tau_t: float) -> torch.Tensor:
-    """``[S]`` parent of each token: its most similar candidate with ``sim >= tau_t``.
-
-    Ties go to the earlier token; a token without a parent is its own parent.
-    """
-    ids = torch.arange(num_tokens, device=sims.device)
-    passing = sims >= tau_t
-    best = torch.full((num_tokens,), -math.inf, dtype=sims.dtype, device=sims.device)
-    best.scatter_reduce_(0, pairs.b, torch.where(passing, sims, -math.inf), reduce="amax")
-    is_best = passing & (sims == best[pairs.b])
-    parent = torch.full_like(ids, num_tokens)
-    parent.scatter_reduce_(0, pairs.b, torch.where(is_best, pairs.a, num_tokens), reduce="amin")
-    return torch.where(parent == num_tokens, ids, parent)
-
-
-def find_roots(parent: torch.Tensor, num_frames: int) -> torch.Tensor:
-    """``[S]`` root of each token's tree, by pointer jumping (trees are < T deep)."""
-    root = parent
-    for _ in range(math.ceil(math.log2(max(num_frames - 1, 1)))):
-        root = root[root]
-    return root
+    tree = sims.tree
+    tau = taus.view(-1, 1, 1)
+    emitted = emitted_cells(tree, sims.min_child_sim, tau)  # [K, T, P]
+    count = emitted.sum(dim=(1, 2))
+    if sims.nested_sim is not None:
+        links = _links(tree, sims.nested_sim, emitted, tau)  # [K, T-1, E]
+        links_per_cell = torch.zeros(emitted.shape[0], sims.num_frames - 1, tree.num_cells, dtype=torch.int32,
+                                     device=emitted.device).index_add_(2, tree.nested[0], links.int())
+        count -= (links_per_cell > 0).sum(dim=(1, 2))
+    return count
 
 
 # --------------------------------------------------------------------------- output
 
 
-def assemble(pyramid: Pyramid, tokens: SpatialTokens, parent: torch.Tensor,
+def assemble(x: torch.Tensor, tree: Quadtree, emitted: torch.Tensor, parent: torch.Tensor | None, weighted: bool,
              params: dict) -> TokenSet:
-    """Turn the forest of spatial tokens into the output ``TokenSet`` (spec sections 2-3)."""
-    tree = pyramid.tree
-    frames = pyramid.num_frames
-    height, width = tree.sizes[-1]
-    ids = torch.arange(tokens.num_tokens, device=parent.device)
-    is_root = parent == ids
-    root_ids = is_root.nonzero().squeeze(1)  # in (t, y0, x0) order
-    output_of_root = is_root.cumsum(0) - 1
-    output_of_token = output_of_root[find_roots(parent, frames)]  # [S]
-    num_outputs = int(root_ids.shape[0])
+    """Turn the forest of spatial tokens into the output ``TokenSet`` (spec sections 2-3).
 
-    token_patches = tree.num_patches[tokens.cell]
-    token_features = pyramid.features[tokens.frame, tokens.cell]  # [S, C]
-    num_patches = torch.zeros(num_outputs, dtype=token_patches.dtype, device=parent.device)
-    num_patches.index_add_(0, output_of_token, token_patches)
-    if num_outputs == tokens.num_tokens:  # nothing merged across frames
-        features = token_features
+    Args:
+        x: ``[T, H, W, C]`` the input.
+        emitted: ``[T, P]`` the spatial tokens (``emitted_cells``).
+        parent: ``[T-1, P]`` each token's parent cell one frame back (``choose_parents``),
+            ``None`` without temporal merging.
+    """
+    frames, height, width, channels = x.shape
+    num_cells, frame_patches = tree.num_cells, height * width
+    patch_index = torch.arange(frame_patches, device=x.device)
+
+    # Exactly one level emits a cell over each patch.
+    level_of_patch = emitted[:, tree.cover].to(torch.uint8).argmax(dim=1)  # [T, H*W]
+    cell_of_patch = tree.cover[level_of_patch, patch_index]  # [T, H*W]
+
+    # Root of every cell's tree over flat (frame, cell) ids, by pointer jumping (trees
+    # are < T deep); a cell without a parent is its own root.
+    flat = torch.arange(frames * num_cells, device=x.device).view(frames, num_cells)
+    root, is_root = flat, emitted
+    if parent is not None:
+        has_parent = parent >= 0
+        root = flat.clone()
+        root[1:] = torch.where(has_parent, flat[:-1, :1] + parent, flat[1:])
+        root = root.view(-1)
+        for _ in range(math.ceil(math.log2(max(frames - 1, 1)))):
+            root = root[root]
+        root = root.view(frames, num_cells)
+        is_root = emitted.clone()
+        is_root[1:] &= ~has_parent
+
+    # Output tokens are the trees, ordered by their root's (t, y0, x0).
+    root_ids = is_root.view(-1).nonzero().squeeze(1)
+    root_frame, root_cell = root_ids // num_cells, root_ids % num_cells
+    order = (root_frame * frame_patches + tree.top_left[root_cell]).argsort()
+    root_ids, root_frame, root_cell = root_ids[order], root_frame[order], root_cell[order]
+    num_outputs = int(root_ids.shape[0])
+    output_of_flat = torch.zeros(frames * num_cells, dtype=torch.long, device=x.device)
+    output_of_flat[root_ids] = torch.arange(num_outputs, device=x.device)
+    output_of_cell = output_of_flat[root.reshape(-1)].view(frames, num_cells)  # meaningful where emitted
+    assignment = output_of_cell.gather(1, cell_of_patch).view(-1)  # [T*H*W]
+    num_patches = torch.zeros(num_outputs, dtype=torch.long, device=x.device)
+    num_patches.index_add_(0, assignment, torch.ones_like(assignment))
+
+    # A token's feature is a weighted sum of the patches it covers: the patch mean, or
+    # (plain) the mean over its member cells of each cell's mean of means.
+    compute_dtype = _compute_dtype(x)
+    if weighted:
+        patch_weight = 1.0 / num_patches.to(compute_dtype)[assignment]
     else:
-        weights = token_patches.to(token_features.dtype) if pyramid.weighted else torch.ones_like(token_features[:, 0])
-        # index_put_ with accumulate sums in a fixed order (also on CUDA): deterministic.
-        sums = torch.zeros(num_outputs, token_features.shape[1], dtype=token_features.dtype, device=parent.device)
-        sums.index_put_((output_of_token,), token_features * weights[:, None], accumulate=True)
-        totals = torch.zeros(num_outputs, dtype=weights.dtype, device=parent.device)
-        totals.index_put_((output_of_token,), weights, accumulate=True)
-        features = sums / totals[:, None]
+        members = torch.zeros(num_outputs, dtype=compute_dtype, device=x.device)
+        members.index_add_(0, output_of_cell.view(-1), emitted.view(-1).to(compute_dtype))
+        patch_weight = tree.mean_weight[level_of_patch, patch_index].view(-1).to(compute_dtype) / members[assignment]
+    weighted_patches = x.reshape(-1, channels) * patch_weight[:, None]  # promotes to compute_dtype in one pass
+    # index_put_ with accumulate sums in a fixed order (also on CUDA): deterministic.
+    features = torch.zeros(num_outputs, channels, dtype=compute_dtype, device=x.device)
+    features.index_put_((assignment,), weighted_patches, accumulate=True)
 
     return TokenSet(
-        features=features.to(pyramid.dtype),
-        frame=tokens.frame[root_ids].to(torch.int32),
-        box=tree.box[tokens.cell[root_ids]].to(torch.int32),
+        features=features.to(x.dtype),
+        frame=root_frame.to(torch.int32),
+        box=tree.box[root_cell].to(torch.int32),
         num_patches=num_patches.to(torch.int32),
-        assignment=output_of_token[tokens.patch_token].view(frames, height, width).to(torch.int32),
+        assignment=assignment.view(frames, height, width).to(torch.int32),
         grid=(frames, height, width),
         **params,
     )
 
 
-def _merge_pyramid(pyramid: Pyramid, tau_s: float, tau_t: float | None,
-                   similarity: PairSimilarity) -> tuple[SpatialTokens, torch.Tensor]:
-    tokens = select_spatial(pyramid, tau_s)
-    if tau_t is None or pyramid.num_frames == 1:
-        return tokens, torch.arange(tokens.num_tokens, device=tokens.frame.device)
-    pairs = candidate_pairs(pyramid, tokens)
-    return tokens, choose_parents(tokens.num_tokens, pairs, similarity(tokens, pairs), tau_t)
+def _merge_at(x: torch.Tensor, sims: CellSimilarities, tau_s: float, tau_t: float | None, weighted: bool,
+              params: dict) -> TokenSet:
+    """The tokens of ``x`` at fixed thresholds, from its similarities."""
+    def threshold(tau: float) -> torch.Tensor:
+        # One rounding to the similarities' dtype, the same for merge and the budget search.
+        return torch.tensor(tau, dtype=sims.min_child_sim.dtype, device=x.device)
+
+    emitted = emitted_cells(sims.tree, sims.min_child_sim, threshold(tau_s))
+    parent = None
+    if tau_t is not None and sims.nested_sim is not None:
+        parent = choose_parents(sims.tree, sims.nested_sim, emitted, threshold(tau_t))
+    return assemble(x, sims.tree, emitted, parent, weighted, params)
 
 
 # --------------------------------------------------------------------------- public API
@@ -378,11 +354,10 @@ def merge(x: torch.Tensor, *, tau_s: float, tau_t: float | None = None, root_lev
     _check_input(x, root_level, head_dim)
     _check_threshold("tau_s", tau_s, optional=False)
     _check_threshold("tau_t", tau_t, optional=True)
-    pyramid = build_pyramid(x, root_level, weighted, head_dim)
-    tokens, parent = _merge_pyramid(pyramid, tau_s, tau_t, direct_similarity(pyramid))
+    sims = cell_similarities(x, root_level, weighted, head_dim, temporal=tau_t is not None)
     params = dict(tau_s=float(tau_s), tau_t=None if tau_t is None else float(tau_t),
                   root_level=root_level, weighted=weighted, head_dim=head_dim)
-    return assemble(pyramid, tokens, parent, params)
+    return _merge_at(x, sims, tau_s, tau_t, weighted, params)
 
 
 def merge_to_budget(x: torch.Tensor, retention: float, *, root_level: int = 1, weighted: bool = False,
@@ -393,10 +368,10 @@ def merge_to_budget(x: torch.Tensor, retention: float, *, root_level: int = 1, w
     token count changes only where ``tau`` crosses a similarity that the search
     compares against, so the candidates for ``tau`` are exactly those similarities
     (every cell's lowest child similarity and every nested cell pair one frame apart),
-    plus ``2.0`` (merge nothing). The search bisects over the sorted candidates for the
-    largest ``tau`` that meets the budget; each step is index work only, no arithmetic
-    over channels. The chosen thresholds are recorded in the result, and
-    ``merge(x, tau_s=tau, tau_t=tau)`` reproduces it.
+    plus ``2.0`` (merge nothing). The search narrows the sorted candidates down by
+    counting the tokens of many of them at once (up to 64 per round, a few rounds);
+    counting is index work only, no arithmetic over channels. The chosen thresholds are
+    recorded in the result, and ``merge(x, tau_s=tau, tau_t=tau)`` reproduces it.
 
     Args:
         x: ``[T, H, W, C]`` visual tokens, as for ``merge``.
@@ -416,99 +391,67 @@ def merge_to_budget(x: torch.Tensor, retention: float, *, root_level: int = 1, w
         raise ValueError(f"retention must be a number in (0, 1], got {retention!r}")
     frames, height, width, _ = x.shape
     budget = math.floor(retention * frames * height * width)
-    pyramid = build_pyramid(x, root_level, weighted, head_dim)
-    tables = _similarity_tables(pyramid) if frames > 1 else None
-    similarity = _table_similarity(pyramid, tables)
-
-    def tokens_at(tau: float) -> tuple[SpatialTokens, torch.Tensor, int]:
-        tokens, parent = _merge_pyramid(pyramid, tau, tau, similarity)
-        count = int((parent == torch.arange(tokens.num_tokens, device=parent.device)).sum())
-        return tokens, parent, count
-
-    candidates = _threshold_candidates(pyramid, tables)
-    best = tokens_at(float(candidates[0]))
-    if best[2] > budget:
+    sims = cell_similarities(x, root_level, weighted, head_dim, temporal=True)
+    candidates = _threshold_candidates(sims)
+    fewest = int(_token_counts(sims, _on_device(candidates[:1], sims))[0])
+    if fewest > budget:
         raise ValueError(
             f"retention={retention} asks for at most {budget} of {frames * height * width} tokens, but merging "
-            f"keeps at least {best[2]} (one per root-level cell); use a larger retention or a lower root_level")
-    best_tau = float(candidates[0])
-    low, high = 0, len(candidates)  # candidates[low] meets the budget; candidates[high:] are untried or fail
-    while high - low > 1:
-        mid = (low + high) // 2
-        tau = float(candidates[mid])
-        result = tokens_at(tau)
-        if result[2] <= budget:
-            low = mid
-            if result[2] >= best[2]:
-                best, best_tau = result, tau
-        else:
-            high = mid
-        if best[2] == budget:
-            break
-    tokens, parent, _ = best
-    params = dict(tau_s=best_tau, tau_t=best_tau, root_level=root_level, weighted=weighted,
-                  head_dim=head_dim, budget=float(retention))
-    return assemble(pyramid, tokens, parent, params)
+            f"keeps at least {fewest} (one per root-level cell); use a larger retention or a lower root_level")
+    tau = float(candidates[_search_budget(sims, candidates, budget, fewest)])
+    params = dict(tau_s=tau, tau_t=tau, root_level=root_level, weighted=weighted, head_dim=head_dim,
+                  budget=float(retention))
+    return _merge_at(x, sims, tau, tau, weighted, params)
 
 
 # --------------------------------------------------------------------------- budget internals
 
 
-def _ancestors(tree: Quadtree, lvl: int) -> torch.Tensor:
-    """``[P - offsets[lvl]]`` the level-``lvl`` cell containing each cell at level >= ``lvl``."""
-    finer = slice(tree.offsets[lvl], tree.num_cells)
-    return tree.cover[lvl][tree.top_left[finer]]
-
-
-def _similarity_tables(pyramid: Pyramid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Similarity of every cell to each containing cell one frame back and one forward.
-
-    Returns ``(back, forward)``, each ``[T, P, L]``: ``back[t, p, l]`` compares cell ``p``
-    of frame ``t`` with its level-``l`` ancestor position in frame ``t-1``;
-    ``forward[t, p, l]`` with the one in frame ``t+1``. Entries that no pair can use
-    (no such frame, or ``l`` finer than ``p``) are NaN.
-    """
-    tree = pyramid.tree
-    f, inv = pyramid.features, pyramid.inv_norm
-    shape = (pyramid.num_frames, tree.num_cells, tree.num_levels)
-    back = torch.full(shape, math.nan, dtype=f.dtype, device=f.device)
-    forward = torch.full(shape, math.nan, dtype=f.dtype, device=f.device)
-    for lvl in range(tree.num_levels):
-        finer = slice(tree.offsets[lvl], tree.num_cells)
-        ancestors = _ancestors(tree, lvl)
-        back[1:, finer, lvl] = cosine(f[1:, finer], f[:-1, ancestors], inv[1:, finer], inv[:-1, ancestors])
-        forward[:-1, finer, lvl] = cosine(f[:-1, finer], f[1:, ancestors], inv[:-1, finer], inv[1:, ancestors])
-    return back, forward
-
-
-def _table_similarity(pyramid: Pyramid, tables: tuple[torch.Tensor, torch.Tensor] | None) -> PairSimilarity:
-    """Candidate-pair similarities looked up in ``_similarity_tables`` (no channel arithmetic)."""
-    level = pyramid.tree.level
-
-    def similarity(tokens: SpatialTokens, pairs: CandidatePairs) -> torch.Tensor:
-        back, forward = tables  # a single frame has no pairs, so no tables
-        n = pairs.num_down
-        finer_down, coarser_down = pairs.b[:n], pairs.a[:n]
-        finer_up, coarser_up = pairs.a[n:], pairs.b[n:]
-        return torch.cat([
-            back[tokens.frame[finer_down], tokens.cell[finer_down], level[tokens.cell[coarser_down]]],
-            forward[tokens.frame[finer_up], tokens.cell[finer_up], level[tokens.cell[coarser_up]]],
-        ])
-
-    return similarity
-
-
-def _threshold_candidates(pyramid: Pyramid, tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """Sorted thresholds, one between each two neighbouring distinct similarities.
+def _threshold_candidates(sims: CellSimilarities) -> torch.Tensor:
+    """Sorted float64 CPU thresholds, one between each two neighbouring distinct similarities.
 
     The token count can only change where a threshold crosses a similarity the search
     compares against; ``-1`` (merge everything) and ``NEVER_MERGE`` bound the list.
     """
-    spatial = pyramid.min_child_sim[:, pyramid.tree.level < pyramid.tree.num_levels - 1]
+    spatial = sims.min_child_sim[:, : sims.tree.offsets[-1]]  # cells with children
     values = [spatial.flatten(), torch.tensor([-1.0, NEVER_MERGE], dtype=spatial.dtype, device=spatial.device)]
-    if tables is not None:
-        values += [table[~table.isnan()] for table in tables]
+    if sims.nested_sim is not None:
+        values.append(sims.nested_sim.flatten())
     values = torch.unique(torch.cat(values)).double().cpu()  # unique sorts ascending
     # Midpoints between neighbours admit the same similarities as the values themselves,
-    # but leave a margin, so recomputing a similarity in another order cannot flip it.
+    # but leave a margin, so a threshold never sits exactly on a similarity.
     return torch.cat([values[:1], (values[1:] + values[:-1]) / 2])
+
+
+def _on_device(taus: torch.Tensor, sims: CellSimilarities) -> torch.Tensor:
+    return taus.to(device=sims.min_child_sim.device, dtype=sims.min_child_sim.dtype)
+
+
+def _search_budget(sims: CellSimilarities, candidates: torch.Tensor, budget: int, fewest: int) -> int:
+    """Index of the candidate with the most tokens within ``budget`` found by a K-ary search.
+
+    Each round counts the tokens at up to K evenly spread candidates of the bracket
+    ``[low, high)`` in one batch (one host sync) and keeps the part between the last
+    candidate that fits and the next one. The count is not monotone in ``tau`` everywhere
+    (a finer spatial split can let more temporal links form), so the best count seen
+    that fits is kept, ties to the larger ``tau``.
+    """
+    tree = sims.tree
+    per_candidate = sims.num_frames * tree.num_cells + (0 if sims.nested_sim is None else sims.nested_sim.numel())
+    probes_per_round = max(2, min(64, PROBE_ELEMENTS // per_candidate))
+    best_count, best_index = fewest, 0
+    low, high = 0, len(candidates)  # candidates[low] fits the budget; candidates[high] does not (or is past the end)
+    while high - low > 1 and best_count < budget:
+        probes = torch.linspace(low, high - 1, probes_per_round + 1).round().long().unique()[1:].tolist()
+        counts = _token_counts(sims, _on_device(candidates[probes], sims)).tolist()
+        fitting = [i for i, count in enumerate(counts) if count <= budget]
+        for i in fitting:
+            if counts[i] >= best_count:
+                best_count, best_index = counts[i], probes[i]
+        if fitting:
+            last = fitting[-1]
+            low = probes[last]
+            high = probes[last + 1] if last + 1 < len(probes) else high
+        else:
+            high = probes[0]
+    return best_index

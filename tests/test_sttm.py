@@ -316,11 +316,22 @@ def test_is_deterministic():
 
 def counts_along_the_schedule(x: torch.Tensor, root_level: int, weighted: bool) -> list[int]:
     """Token count at every threshold the budget search may choose (exhaustive)."""
-    pyramid = merge_module.build_pyramid(x, root_level, weighted, None)
-    tables = merge_module._similarity_tables(pyramid) if x.shape[0] > 1 else None
-    candidates = merge_module._threshold_candidates(pyramid, tables)
+    sims = merge_module.cell_similarities(x, root_level, weighted, None, temporal=True)
+    candidates = merge_module._threshold_candidates(sims)
     return [sttm.merge(x, tau_s=tau, tau_t=tau, root_level=root_level, weighted=weighted).num_tokens
             for tau in candidates.tolist()]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), taus=st.lists(thresholds, min_size=1, max_size=6), root_level=st.integers(0, 3),
+       weighted=st.booleans())
+def test_batched_token_counts_equal_the_merged_counts(data, taus, root_level, weighted):
+    # The budget search counts many thresholds at once without building the tokens.
+    x = random_video(data)
+    sims = merge_module.cell_similarities(x, root_level, weighted, None, temporal=True)
+    counts = merge_module._token_counts(sims, torch.tensor(taus, dtype=sims.min_child_sim.dtype)).tolist()
+    assert counts == [sttm.merge(x, tau_s=tau, tau_t=tau, root_level=root_level, weighted=weighted).num_tokens
+                      for tau in taus]
 
 
 @settings(max_examples=40, deadline=None)
