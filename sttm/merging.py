@@ -36,6 +36,7 @@ from typing import Iterator
 import torch
 
 from sttm.quadtree import Quadtree, quadtree
+from sttm.segment_sum import weighted_segment_sum
 from sttm.token_set import TokenSet
 
 EPS = 1e-8
@@ -287,15 +288,13 @@ def assemble(x: torch.Tensor, tree: Quadtree, emitted: torch.Tensor, parent: tor
         patch_weight = 1.0 / num_patches.to(compute_dtype)[assignment]
     else:
         members = torch.zeros(num_outputs, dtype=compute_dtype, device=x.device)
+        # Whole numbers: exact, whatever order the additions take.
         members.index_add_(0, output_of_cell.view(-1), emitted.view(-1).to(compute_dtype))
         patch_weight = tree.mean_weight[level_of_patch, patch_index].view(-1).to(compute_dtype) / members[assignment]
-    weighted_patches = x.reshape(-1, channels) * patch_weight[:, None]  # promotes to compute_dtype in one pass
-    # index_put_ with accumulate sums in a fixed order (also on CUDA): deterministic.
-    features = torch.zeros(num_outputs, channels, dtype=compute_dtype, device=x.device)
-    features.index_put_((assignment,), weighted_patches, accumulate=True)
+    features = weighted_segment_sum(x.reshape(-1, channels), patch_weight, assignment, num_patches)
 
     return TokenSet(
-        features=features.to(x.dtype),
+        features=features,
         frame=root_frame.to(torch.int32),
         box=tree.box[root_cell].to(torch.int32),
         num_patches=num_patches.to(torch.int32),
