@@ -334,6 +334,17 @@ def test_batched_token_counts_equal_the_merged_counts(data, taus, root_level, we
                       for tau in taus]
 
 
+def test_a_number_threshold_rounds_like_the_budget_searchs_threshold_tensors():
+    # merge compares similarities with a Python float, the budget search with float32
+    # tensors made from the same float64 candidates: both must round alike, or the
+    # chosen threshold would not reproduce its token count. Midpoints between
+    # neighbouring float32 values are the hard case.
+    sims = torch.rand(4096, dtype=torch.float32) * 2 - 1
+    upper = torch.nextafter(sims, torch.tensor(2.0))
+    for tau in ((sims.double() + upper.double()) / 2).tolist()[:512] + torch.rand(512, dtype=torch.float64).tolist():
+        assert torch.equal(sims >= tau, sims >= torch.tensor([tau], dtype=torch.float64).float())
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), retention=st.floats(0.05, 1.0), root_level=st.integers(0, 2), weighted=st.booleans())
 def test_budget_mode_meets_the_budget_closely_and_is_reproducible(data, retention, root_level, weighted):
