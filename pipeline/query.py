@@ -6,7 +6,11 @@ same for every question about a video. ``QueryEngine.prefill`` runs the LLM over
 prefix once and keeps its KV cache; ``QueryEngine.answer`` runs one question's tokens on
 top of the cache, decodes the answer, and crops the cache back to the prefix, so the next
 question starts from the same state. (Query-aware token reduction cannot do this: its
-video tokens depend on the question.)
+video tokens depend on the question.) ``QueryEngine.prefill_and_answer`` does both for a
+video's first question in one forward over prefix and question: attention is causal, so
+the prefix's keys and values do not depend on the question, and cropping the question
+off leaves the same prefix state -- without a second forward (tens of milliseconds of
+per-layer launch overhead on a 7B model) before the first answer token.
 
 How a prompt is built, for a stored token set of ``N`` merged tokens:
 
@@ -36,7 +40,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,7 +76,9 @@ class VideoPrefix:
         text_before_video: token ids of the chat template before the video placeholder.
         num_visual_tokens: ``N``, merged video tokens in the prefix (not counting
             LLaVA-OneVision's one newline embedding).
-        prefill_s: seconds to build the embeddings and run the LLM over the prefix.
+        prefill_s: seconds to build the embeddings and run the LLM over the prefix (from
+            ``prefill_and_answer``: over the prefix and the first question's prompt, in the
+            one forward that yields the first answer token's logits).
     """
 
     video_id: str
@@ -96,8 +102,10 @@ class Answer:
             temperature 1), e.g. to tell a confident answer from a guess.
         num_question_tokens: prompt tokens run on top of the prefix (question, end of turn,
             assistant header).
-        ttft_s: seconds from the start of ``answer`` to the first generated token.
-        total_s: seconds for the whole answer.
+        ttft_s: seconds from the start of ``answer`` to the first generated token (from
+            ``prefill_and_answer``: from the start of the prefill, which it includes -- the
+            time to first token of a question on a video not yet prefilled).
+        total_s: seconds for the whole answer, counted from the same start as ``ttft_s``.
     """
 
     text: str
@@ -140,6 +148,8 @@ class QueryEngine:
         forward_parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
         self._encoder_fingerprints: dict[torch.dtype, str] = {}
+        # Every prompt's text before the video: the question comes after the video.
+        self._text_before_video = tuple(self._prompt_ids("")[0])
 
     # -- prefix ----------------------------------------------------------------------------
 
@@ -151,38 +161,81 @@ class QueryEngine:
         Raises IncompatibleTokenSetError when ``stored`` was made for another model.
         """
         self.check(stored)
+        prefix, _ = self._prefill(stored, [], self._now())
+        return prefix
+
+    @torch.inference_mode()
+    def prefill_and_answer(
+        self,
+        stored: StoredTokenSet,
+        question: str,
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> tuple[VideoPrefix, Answer]:
+        """``prefill(stored)`` and ``answer(prefix, question, ...)`` with the question's
+        prompt in the prefill's forward: that one forward gives the first answer token,
+        decoding goes on as in ``answer``, and the cache is cropped back to the prefix, so
+        the returned prefix serves further questions exactly as ``prefill``'s would.
+
+        Timings: the prefix's ``prefill_s`` is the time of that one forward (prefix and
+        question prompt); the answer's ``ttft_s`` and ``total_s`` count from the start of
+        the prefill, which they include.
+
+        Raises what ``prefill`` and ``answer`` raise, before running the model.
+        """
+        sample = self._sampler(max_new_tokens, do_sample, temperature, seed)
+        self.check(stored)
         start = self._now()
-        text_before_video = self._prompt_ids("")[0]
+        question_ids = self._question_ids(question)
+        prefix, logits = self._prefill(stored, question_ids, start)
+        # No try/finally: when decoding fails, the prefix and its cache are never handed out.
+        answer = self._decode(prefix, question_ids, logits, sample, max_new_tokens, start)
+        self._crop_to_prefix(prefix)
+        return prefix, answer
+
+    def _prefill(
+        self, stored: StoredTokenSet, question_ids: list[int], start: float
+    ) -> tuple[VideoPrefix, torch.Tensor]:
+        """Run the LLM on a new cache over the prompt prefix of ``stored`` followed by
+        ``question_ids`` (none: the prefix alone), these at the positions ``answer`` gives
+        them. Returns the prefix, whose cache still holds the question, with ``prefill_s``
+        counted from ``start``, and the last position's logits ``[vocab]``."""
         features = stored.tokens.features.to(self.device, self.dtype)  # [N, C]
         if self.model_type in CONSECUTIVE_POSITIONS:
             # LlavaOnevisionModel.get_video_features appends one image_newline after the
             # last frame's tokens; it stays after the merged tokens.
             visual = torch.cat([features, self.model.model.image_newline[None]])
-            length = len(text_before_video) + len(visual)
+            length = len(self._text_before_video) + len(visual)
             position_ids = torch.arange(length, device=self.device)[None]  # [1, L]
             text_position = length
         else:
             visual = features
-            position_ids, text_position = self._multimodal_rope_prefix_positions(stored, text_before_video)
+            position_ids, text_position = self._multimodal_rope_prefix_positions(stored)
             length = position_ids.shape[-1]
-        embeds = torch.cat([self._embed(text_before_video), visual])[None]  # [1, L, C]
+        embeds = torch.cat([self._embed(self._text_before_video), visual, self._embed(question_ids)])[None]  # [1, L + Q, C]
+        positions = torch.cat([position_ids, self._text_positions(text_position, len(question_ids))], dim=-1)
         cache = DynamicCache(config=self.model.config)
-        self._forward(embeds, position_ids, cache)
-        return VideoPrefix(
+        logits = self._forward(embeds, positions, cache)
+        prefix = VideoPrefix(
             video_id=stored.video_id,
             cache=cache,
             length=length,
             position_ids=position_ids,
             text_position=text_position,
-            text_before_video=tuple(text_before_video),
+            text_before_video=self._text_before_video,
             num_visual_tokens=stored.num_tokens,
             prefill_s=self._now() - start,
         )
+        return prefix, logits
 
     def check(self, stored: StoredTokenSet) -> None:
         """Raise IncompatibleTokenSetError unless ``stored`` holds this model's visual
         tokens: same hidden size, same vision encoder (weights, config and preprocessing,
-        by the encode stage's fingerprint), merged at layer 0."""
+        by the encode stage's fingerprint), merged at layer 0, and for multimodal rotary
+        models a ``model_extra`` video grid that matches the token grid."""
         channels = stored.tokens.features.shape[1]
         if channels != self.hidden_size:
             raise IncompatibleTokenSetError(
@@ -200,6 +253,16 @@ class QueryEngine:
                 f"video {stored.video_id!r}: stored tokens come from another vision encoder "
                 f"({stored.model_id}, {stored.encoder_fingerprint}) than {self.model_spec} ({fingerprint})"
             )
+        # model_extra comes from the encoder: its grid means something once the encoder is ours.
+        if self.model_type in MULTIMODAL_ROPE_POSITIONS:
+            t, h, w = stored.tokens.grid
+            merge = self.model.config.vision_config.spatial_merge_size
+            grid_thw = stored.model_extra.get("video_grid_thw")
+            if grid_thw != [t, h * merge, w * merge]:
+                raise IncompatibleTokenSetError(
+                    f"video {stored.video_id!r}: model_extra video_grid_thw {grid_thw} does not match the token grid "
+                    f"{[t, h, w]} with spatial merge {merge}"
+                )
 
     def _encoder_fingerprint(self, dtype: torch.dtype) -> str:
         """The encode stage's fingerprint of this model's vision side in ``dtype`` (the
@@ -209,31 +272,24 @@ class QueryEngine:
             self._encoder_fingerprints[dtype] = adapter.fingerprint
         return self._encoder_fingerprints[dtype]
 
-    def _multimodal_rope_prefix_positions(
-        self, stored: StoredTokenSet, text_before_video: list[int]
-    ) -> tuple[torch.Tensor, int]:
+    def _multimodal_rope_prefix_positions(self, stored: StoredTokenSet) -> tuple[torch.Tensor, int]:
         """``([3, 1, L], text_position)``: Qwen2-VL positions of the prefix with merged tokens.
 
         The model's own ``get_rope_index`` runs on the unmerged sequence (text before the
         video, ``T*H*W`` video placeholders, one text token); each merged token takes the
         position of its root's top-left patch, and the text after the video starts where
-        the unmerged sequence's text would.
+        the unmerged sequence's text would. (``check`` made sure ``model_extra``'s grid is
+        the token grid.)
         """
         extra = stored.model_extra
         t, h, w = stored.tokens.grid
-        merge = self.model.config.vision_config.spatial_merge_size
-        grid_thw = extra.get("video_grid_thw")
-        if grid_thw != [t, h * merge, w * merge]:
-            raise IncompatibleTokenSetError(
-                f"video {stored.video_id!r}: model_extra video_grid_thw {grid_thw} does not match the token grid "
-                f"{[t, h, w]} with spatial merge {merge}"
-            )
+        text_before_video = list(self._text_before_video)
         before = len(text_before_video)
         # One text token after the video (which one does not matter) shows where text resumes.
         input_ids = torch.tensor([text_before_video + [self.video_token_id] * (t * h * w) + text_before_video[:1]])
         token_types = torch.zeros_like(input_ids, dtype=torch.int32)
         token_types[0, before : before + t * h * w] = 2  # transformers' mm_token_type_ids: 2 = video
-        rope_inputs = dict(mm_token_type_ids=token_types, video_grid_thw=torch.tensor([grid_thw]))
+        rope_inputs = dict(mm_token_type_ids=token_types, video_grid_thw=torch.tensor([extra["video_grid_thw"]]))
         if self.model_type == "qwen2_5_vl":
             rope_inputs["second_per_grid_ts"] = torch.tensor([extra["second_per_grid_t"]])
         full_positions, _ = self.model.model.get_rope_index(input_ids, **rope_inputs)  # [3, 1, before + T*H*W + 1]
@@ -264,49 +320,21 @@ class QueryEngine:
         temperature)`` with a generator seeded by ``seed`` (``None``: torch's global RNG).
         Stops at the model's end-of-turn token or after ``max_new_tokens``.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        generator = None
-        if do_sample and seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
-
+        sample = self._sampler(max_new_tokens, do_sample, temperature, seed)
         start = self._now()
-        question_ids = self._question_ids(prefix, question)
+        question_ids = self._question_ids(question)
         try:
             logits = self._forward(
                 self._embed(question_ids)[None], self._text_positions(prefix.text_position, len(question_ids)), prefix.cache
             )
-            generated: list[int] = []
-            logprobs: list[float] = []
-            ttft_s = None
-            while True:
-                logits = logits.float()
-                if do_sample:
-                    probabilities = torch.softmax(logits / temperature, dim=-1)
-                    token = int(torch.multinomial(probabilities, 1, generator=generator))
-                else:
-                    token = int(logits.argmax())
-                if ttft_s is None:
-                    ttft_s = self._now() - start
-                if token in self.eos_token_ids:
-                    break
-                generated.append(token)
-                logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-                if len(generated) == max_new_tokens:
-                    break
-                position = prefix.text_position + len(question_ids) + len(generated) - 1
-                logits = self._forward(self._embed([token])[None], self._text_positions(position, 1), prefix.cache)
+            return self._decode(prefix, question_ids, logits, sample, max_new_tokens, start)
         finally:
             self._crop_to_prefix(prefix)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
-        return Answer(text, generated, logprobs, len(question_ids), ttft_s, self._now() - start)
 
     @torch.inference_mode()
     def next_token_logits(self, prefix: VideoPrefix, question: str) -> torch.Tensor:
         """float32 ``[vocab]`` logits of the first answer token (leaves the prefix as it was)."""
-        question_ids = self._question_ids(prefix, question)
+        question_ids = self._question_ids(question)
         try:
             logits = self._forward(
                 self._embed(question_ids)[None], self._text_positions(prefix.text_position, len(question_ids)), prefix.cache
@@ -315,14 +343,63 @@ class QueryEngine:
             self._crop_to_prefix(prefix)
         return logits.float()
 
+    def _sampler(
+        self, max_new_tokens: int, do_sample: bool, temperature: float, seed: int | None
+    ) -> Callable[[torch.Tensor], int]:
+        """Check the decoding options; returns how a token is picked from float32 logits:
+        their argmax, or with ``do_sample`` a draw from ``softmax(logits / temperature)``
+        (a new generator seeded by ``seed``, so that each answer repeats; ``None``: torch's
+        global RNG)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not do_sample:
+            return lambda logits: int(logits.argmax())
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
+        return lambda logits: int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
+
+    def _decode(
+        self,
+        prefix: VideoPrefix,
+        question_ids: list[int],
+        logits: torch.Tensor,
+        sample: Callable[[torch.Tensor], int],
+        max_new_tokens: int,
+        start: float,
+    ) -> Answer:
+        """Decode an answer from ``logits``, the first answer token's, which the question's
+        prompt (now in ``prefix.cache``) gave. Each generated token extends the cache (the
+        caller crops it back); ``ttft_s`` and ``total_s`` count from ``start``."""
+        generated: list[int] = []
+        logprobs: list[float] = []
+        ttft_s = None
+        while True:
+            logits = logits.float()
+            token = sample(logits)
+            if ttft_s is None:
+                ttft_s = self._now() - start
+            if token in self.eos_token_ids:
+                break
+            generated.append(token)
+            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
+            if len(generated) == max_new_tokens:
+                break
+            position = prefix.text_position + len(question_ids) + len(generated) - 1
+            logits = self._forward(self._embed([token])[None], self._text_positions(position, 1), prefix.cache)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        return Answer(text, generated, logprobs, len(question_ids), ttft_s, self._now() - start)
+
     @staticmethod
     def _crop_to_prefix(prefix: VideoPrefix) -> None:
         """Drop what a question added to the prefix's cache, so the next question starts
-        from the prefix alone. (A negative crop removes that many tokens in every
-        transformers 5.x release; a positive one means "keep that many" in some and is
-        refused in others.)"""
-        if (added := prefix.cache.get_seq_length() - prefix.length) > 0:
-            prefix.cache.crop(-added)
+        from the prefix alone. Layer by layer: a forward that failed part-way extended
+        only the layers it reached. (A negative crop removes that many tokens in every
+        transformers release we support; a positive one means "keep that many" in some
+        and is refused in others.)"""
+        for layer in prefix.cache.layers:
+            if (added := layer.get_seq_length() - prefix.length) > 0:
+                layer.crop(-added)
 
     # -- prompt pieces ---------------------------------------------------------------------
 
@@ -340,11 +417,12 @@ class QueryEngine:
         split = ids.index(self.video_token_id)
         return ids[:split], ids[split + 1 :]
 
-    def _question_ids(self, prefix: VideoPrefix, question: str) -> list[int]:
+    def _question_ids(self, question: str) -> list[int]:
+        """Token ids of the prompt after the video: question, end of turn, assistant header."""
         if not question.strip():
             raise ValueError("the question is empty")
         before, after = self._prompt_ids(question)
-        if tuple(before) != prefix.text_before_video:
+        if tuple(before) != self._text_before_video:
             raise ValueError(f"{self.model_spec}: the chat template puts question-dependent text before the video")
         return after
 
@@ -356,9 +434,10 @@ class QueryEngine:
             return positions[None].expand(3, 1, count)
         return positions
 
-    def _embed(self, token_ids: list[int]) -> torch.Tensor:
-        """``[len, C]`` input embeddings of text tokens."""
-        return self.model.get_input_embeddings()(torch.tensor(token_ids, device=self.device))
+    def _embed(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """``[len, C]`` input embeddings of text tokens (``[0, C]`` for none: the explicit
+        dtype keeps an empty list from becoming a float tensor)."""
+        return self.model.get_input_embeddings()(torch.tensor(token_ids, dtype=torch.long, device=self.device))
 
     def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Run ``embeds [1, n, C]`` at ``position_ids`` on top of ``cache`` (which grows by
@@ -399,8 +478,10 @@ class InputProblem:
 class QuestionResult:
     """The outcome of one question: an ``answer`` or, when its video could not be used,
     an ``error``. ``load_s`` (reading the token set) and ``prefill_s`` belong to the video
-    and are the same for all its questions; ``prefix_reused`` is false for the question
-    that paid for them."""
+    and are the same for all its questions. ``prefix_reused`` is false for the video's
+    first question, whose prompt rode in the prefill's forward
+    (``QueryEngine.prefill_and_answer``): its answer's ``ttft_s`` and ``total_s`` include
+    ``prefill_s`` (not ``load_s``). The other questions' times start at their question."""
 
     question: Question
     answer: Answer | None = None
@@ -465,9 +546,12 @@ def answer_questions(
     """Answer ``questions``, reading and prefilling each video once.
 
     Questions are grouped by video (videos in order of first appearance, questions in
-    input order within a video). A video whose token set cannot be read or does not fit
-    the model gives each of its questions an ``error`` result; the others go on.
+    input order within a video). Each video's first question is answered in its prefill's
+    forward (``QueryEngine.prefill_and_answer``), the others from the prefix it leaves. A
+    video whose token set cannot be read or does not fit the model gives each of its
+    questions an ``error`` result; the others go on.
     """
+    decoding = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
     by_video: dict[str, list[Question]] = {}
     for question in questions:
         by_video.setdefault(question.video_id, []).append(question)
@@ -477,30 +561,28 @@ def answer_questions(
             start = time.perf_counter()
             stored = store.read(video_id, config_fingerprint)
             load_s = time.perf_counter() - start
-            prefix = engine.prefill(stored)
+            # Checked before the fused call (which checks again), so that what makes a video
+            # unusable is told apart from a bad question or decoding option (both ValueError).
+            engine.check(stored)
         except (StoreError, ValueError) as error:  # ValueError: bad video id, IncompatibleTokenSetError
             for question in video_questions:
                 yield QuestionResult(question, error=str(error))
             continue
-        for index, question in enumerate(video_questions):
-            answer = engine.answer(
-                prefix, question.text, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed
-            )
-            yield QuestionResult(
-                question,
-                answer=answer,
-                num_visual_tokens=prefix.num_visual_tokens,
-                load_s=load_s,
-                prefill_s=prefix.prefill_s,
-                prefix_reused=index > 0,
-            )
+        first, *others = video_questions
+        prefix, answer = engine.prefill_and_answer(stored, first.text, **decoding)
+        video = dict(num_visual_tokens=prefix.num_visual_tokens, load_s=load_s, prefill_s=prefix.prefill_s)
+        yield QuestionResult(first, answer, **video)
+        for question in others:
+            yield QuestionResult(question, engine.answer(prefix, question.text, **decoding), **video, prefix_reused=True)
 
 
 def prefix_reuse_timings(results: Iterable[QuestionResult]) -> dict[str, float | int]:
     """What prefix reuse bought over answered ``results``: ``num_videos``, total
-    ``prefill_s`` (once per video), total ``answer_s``, and ``saved_s``, the prefills a
-    fresh prefill per question would have added (each video's ``prefill_s`` times its
-    answered questions minus one)."""
+    ``prefill_s`` (once per video), total ``answer_s`` beyond the prefills (a video's
+    first answer counts without the ``prefill_s`` its times include), and ``saved_s``, the
+    prefills a fresh prefill per question would have added (each video's ``prefill_s``
+    times its answered questions minus one; slightly more than the time saved, as a fresh
+    prefill would carry its question's prompt, which a reused prefix runs on its own)."""
     prefill_s: dict[str, float] = {}
     answered: dict[str, int] = {}
     answer_s = 0.0
@@ -510,7 +592,7 @@ def prefix_reuse_timings(results: Iterable[QuestionResult]) -> dict[str, float |
         video_id = result.question.video_id
         prefill_s[video_id] = result.prefill_s
         answered[video_id] = answered.get(video_id, 0) + 1
-        answer_s += result.answer.total_s
+        answer_s += result.answer.total_s - (0.0 if result.prefix_reused else result.prefill_s)
     saved_s = sum(prefill_s[video_id] * (count - 1) for video_id, count in answered.items())
     return {
         "num_videos": len(prefill_s),

@@ -7,6 +7,9 @@ random models of the real architectures, float32, CPU.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
 import json
 
 import pytest
@@ -15,7 +18,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.models import load_adapter, resolve_model
-from pipeline.query import IncompatibleTokenSetError, QueryEngine, answer_questions, run_questions_file
+from pipeline.query import IncompatibleTokenSetError, QueryEngine, Question, answer_questions, run_questions_file
 from pipeline.store import TokenStore
 from query_setup import FAMILIES, decode_sample, stored_token_set, with_features
 
@@ -95,6 +98,39 @@ def text_around_video(engine: QueryEngine, question: str) -> tuple[list[int], li
     return engine.tokenizer(before)["input_ids"], engine.tokenizer(after)["input_ids"]
 
 
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """One forward of the model: ``tokens`` run on top of ``cached`` ones, and the float
+    logits of the last position."""
+
+    tokens: int
+    cached: int
+    logits: torch.Tensor
+
+
+@contextlib.contextmanager
+def recorded_forwards(model):
+    """Record every forward of ``model`` (a list of ``Forward``, filled as they run)."""
+    forwards: list[Forward] = []
+    forward = model.forward
+
+    def recording(**inputs):
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        cached = cache.get_seq_length()
+        output = forward(**inputs)
+        forwards.append(Forward(inputs["inputs_embeds"].shape[1], cached, output.logits[0, -1].float()))
+        return output
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "forward", recording)
+        yield forwards
+
+
+def cached_lengths(prefix) -> list[int]:
+    """Tokens in each layer of the prefix's cache."""
+    return [layer.get_seq_length() for layer in prefix.cache.layers]
+
+
 # ------------------------------------------------------------------- the model's own path
 
 
@@ -121,10 +157,14 @@ def test_unmerged_token_set_answers_like_the_models_own_generate(engines, adapte
 
         torch.testing.assert_close(engine.next_token_logits(prefix, question), expected_logits, rtol=1e-4, atol=1e-5)
         answer = engine.answer(prefix, question, max_new_tokens=8)
-        assert answer.token_ids == expected_tokens
-        # Every decoding step ran at the model's own positions, not only the first.
-        torch.testing.assert_close(torch.tensor(answer.token_logprobs), torch.stack(expected_logprobs), rtol=0, atol=1e-5)
-        assert answer.text == engine.tokenizer.decode(expected_tokens, skip_special_tokens=True).strip()
+        with recorded_forwards(model) as forwards:
+            _, fused = engine.prefill_and_answer(stored, question, max_new_tokens=8)  # question in the prefill's forward
+        torch.testing.assert_close(forwards[0].logits, expected_logits, rtol=1e-4, atol=1e-5)
+        for got in (answer, fused):
+            assert got.token_ids == expected_tokens
+            # Every decoding step ran at the model's own positions, not only the first.
+            torch.testing.assert_close(torch.tensor(got.token_logprobs), torch.stack(expected_logprobs), rtol=0, atol=1e-5)
+            assert got.text == engine.tokenizer.decode(expected_tokens, skip_special_tokens=True).strip()
 
 
 # ------------------------------------------------------------------- the shared prefix
@@ -157,6 +197,137 @@ def test_seeded_sampling_repeats_and_leaves_the_prefix_as_it_was(engines, store)
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
     assert engine.answer(prefix, QUESTIONS[0], max_new_tokens=6).token_ids == greedy.token_ids
+
+
+# ------------------------------------------------------------------- the first question in the prefill
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_question_in_the_prefill_forward_answers_as_on_a_prefilled_prefix(engines, store, family):
+    engine = engines[family]
+    stored = store.read(f"{family}/bunny")
+    prefilled = engine.prefill(stored)
+    with recorded_forwards(engine.model) as separate_forwards:
+        separate = engine.answer(prefilled, QUESTIONS[0], max_new_tokens=6)
+
+    with recorded_forwards(engine.model) as forwards:
+        prefix, fused = engine.prefill_and_answer(stored, QUESTIONS[0], max_new_tokens=6)
+
+    # The forwards of `answer`, but the question's is the prefill's: no forward in between.
+    prompt = prefix.length + fused.num_question_tokens
+    assert (forwards[0].tokens, forwards[0].cached) == (prompt, 0)
+    assert [(f.tokens, f.cached) for f in forwards[1:]] == [(f.tokens, f.cached) for f in separate_forwards[1:]]
+    assert all(f.tokens == 1 for f in forwards[1:])
+    torch.testing.assert_close(forwards[0].logits, separate_forwards[0].logits, rtol=1e-4, atol=1e-5)
+    assert fused.token_ids == separate.token_ids and fused.text == separate.text
+    assert fused.num_question_tokens == separate.num_question_tokens
+    torch.testing.assert_close(torch.tensor(fused.token_logprobs), torch.tensor(separate.token_logprobs), rtol=0, atol=1e-5)
+    # The time to first token counts from the start of the prefill, which it includes.
+    assert 0 < prefix.prefill_s <= fused.ttft_s <= fused.total_s
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_first_question_in_the_prefill_forward_leaves_the_prefix_a_prefill_leaves(engines, store, family):
+    engine = engines[family]
+    stored = store.read(f"{family}/bikes")
+    prefilled = engine.prefill(stored)
+
+    prefix, _ = engine.prefill_and_answer(stored, QUESTIONS[0], max_new_tokens=6)
+
+    # Cropped back to the prefix in every layer, with the keys and values a prefill computes.
+    assert (prefix.length, prefix.text_position) == (prefilled.length, prefilled.text_position)
+    assert cached_lengths(prefix) == [prefix.length] * len(prefix.cache.layers)
+    assert torch.equal(prefix.position_ids, prefilled.position_ids)
+    for layer, expected in zip(prefix.cache.layers, prefilled.cache.layers):
+        torch.testing.assert_close(layer.keys, expected.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.values, expected.values, rtol=1e-4, atol=1e-5)
+    # So a further question gets the answer it gets on a freshly prefilled prefix.
+    further, on_prefilled = (engine.answer(p, QUESTIONS[1], max_new_tokens=6) for p in (prefix, prefilled))
+    assert further.token_ids == on_prefilled.token_ids
+    torch.testing.assert_close(engine.next_token_logits(prefix, QUESTIONS[1]), engine.next_token_logits(prefilled, QUESTIONS[1]))
+
+
+def test_answer_questions_answers_each_videos_first_question_in_its_prefill(engines, store):
+    engine = engines["qwen2-vl"]
+    asked = [("bunny", 0), ("bikes", 1), ("bunny", 1), ("bunny", 2)]
+    questions = [Question(index, f"qwen2-vl/{video}", QUESTIONS[q]) for index, (video, q) in enumerate(asked)]
+
+    with recorded_forwards(engine.model) as forwards:
+        results = list(answer_questions(engine, store, questions, max_new_tokens=3))
+
+    # Grouped by video; a prompt forward (more than one token) per question, the first of
+    # each video on an empty cache, holding the prefix and the question.
+    assert [r.question.id for r in results] == [0, 2, 3, 1]
+    assert [r.prefix_reused for r in results] == [False, True, True, False]
+    prompts = [f for f in forwards if f.tokens > 1]
+    assert len(prompts) == len(questions)
+    prefills = [f for f in forwards if f.cached == 0]
+    assert [f.tokens for f in prefills] == [
+        engine.prefill(store.read(f"qwen2-vl/{video}")).length + result.answer.num_question_tokens
+        for video, result in (("bunny", results[0]), ("bikes", results[3]))
+    ]
+    # The same answers as from a plain prefill per video and one answer per question.
+    for result in results:
+        prefix = engine.prefill(store.read(result.question.video_id))
+        expected = engine.answer(prefix, result.question.text, max_new_tokens=3)
+        assert (result.answer.token_ids, result.answer.text) == (expected.token_ids, expected.text)
+        assert result.num_visual_tokens == prefix.num_visual_tokens
+    assert results[0].prefill_s == results[1].prefill_s == results[2].prefill_s
+    assert results[0].answer.ttft_s >= results[0].prefill_s  # the first question's times include the prefill
+
+
+# ------------------------------------------------------------------- failures
+
+
+def test_the_fused_call_refuses_what_prefill_and_answer_refuse_before_running_the_model(engines, store):
+    engine = engines["qwen2-vl"]
+    stored = store.read("qwen2-vl/bunny")
+    with recorded_forwards(engine.model) as forwards:
+        with pytest.raises(ValueError, match="empty"):
+            engine.prefill_and_answer(stored, "  ")
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+            engine.prefill_and_answer(stored, QUESTIONS[0], max_new_tokens=0)
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            engine.prefill_and_answer(stored, QUESTIONS[0], do_sample=True, temperature=0.0)
+        with pytest.raises(IncompatibleTokenSetError, match="another vision encoder"):
+            engines["llava-onevision"].prefill_and_answer(stored, QUESTIONS[0])
+        wrong_grid = dataclasses.replace(stored, model_extra=stored.model_extra | {"video_grid_thw": [4, 8, 14]})
+        with pytest.raises(IncompatibleTokenSetError, match="does not match the token grid"):
+            engine.prefill_and_answer(wrong_grid, QUESTIONS[0])
+    assert forwards == []
+    # A bad question is the caller's error, not the video's: it is raised, not reported.
+    with pytest.raises(ValueError, match="empty"):
+        list(answer_questions(engine, store, [Question(1, "qwen2-vl/bunny", "  ")]))
+
+
+def test_a_forward_failing_part_way_leaves_no_extended_cache_behind(engines, store):
+    engine = engines["qwen2-vl"]
+    stored = store.read("qwen2-vl/bunny")
+    prefix = engine.prefill(stored)
+    expected = engine.answer(prefix, QUESTIONS[1], max_new_tokens=4)
+    last_layer = engine.model.model.language_model.layers[-1]
+
+    def failing_on(run):
+        """Make the last decoder layer fail on its ``run``-th forward, after the layers
+        below it have extended the cache."""
+        runs = itertools.count(1)
+
+        def hook(module, args):
+            if next(runs) == run:
+                raise RuntimeError("injected failure")
+
+        return last_layer.register_forward_pre_hook(hook)
+
+    for run in (1, 2):  # the question's forward (the fused call: its prefill), the first decoding step
+        with failing_on(run), pytest.raises(RuntimeError, match="injected"):
+            engine.answer(prefix, QUESTIONS[0], max_new_tokens=4)
+        assert cached_lengths(prefix) == [prefix.length] * len(prefix.cache.layers)
+        # The fused call raises too, handing out no prefix.
+        with failing_on(run), pytest.raises(RuntimeError, match="injected"):
+            engine.prefill_and_answer(stored, QUESTIONS[0], max_new_tokens=4)
+    assert engine.answer(prefix, QUESTIONS[1], max_new_tokens=4).token_ids == expected.token_ids
+    _, first = engine.prefill_and_answer(stored, QUESTIONS[1], max_new_tokens=4)
+    assert first.token_ids == expected.token_ids
 
 
 # ------------------------------------------------------------------- merged prompts
