@@ -19,8 +19,8 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.store import CorruptObjectError, NotFoundError, SchemaVersionError, TokenStore
-from schemas import SCHEMA_VERSION_KEY, TOKEN_SET, parse_version
+from pipeline.store import CorruptObjectError, NotFoundError, TokenStore, check_schema_version
+from schemas import SCHEMA_VERSION_KEY, TOKEN_SET
 
 # The token-set columns the summary needs (see schemas/token_set.json).
 _SETTINGS_COLUMNS = ("tau_s", "tau_t", "budget", "root_level", "grid")
@@ -208,16 +208,14 @@ def _token_set_settings(fs: fsspec.AbstractFileSystem, path: str, display: str) 
     """The merge settings of the token set at ``path``, reading only their columns.
 
     Raises CorruptObjectError when the object is missing (its index entry points
-    nowhere), unreadable or lacks a column; SchemaVersionError for another major
-    schema version.
+    nowhere), unreadable or lacks a column; SchemaVersionError for a major schema
+    version this sttm-pipeline does not read.
     """
     try:
         with fs.open(path, "rb") as file:
             parquet_file = pq.ParquetFile(file)
             version = (parquet_file.schema_arrow.metadata or {}).get(SCHEMA_VERSION_KEY, b"").decode()
-            if parse_version(version)[0] != TOKEN_SET.major:
-                raise SchemaVersionError(f"{display} was written with token_set schema version {version}; this "
-                                         f"sttm-pipeline reads {TOKEN_SET.version}")
+            check_schema_version(TOKEN_SET, version, display)
             missing = sorted(set(_SETTINGS_COLUMNS) - set(parquet_file.schema_arrow.names))
             if missing:  # Parquet would silently leave them out of the read
                 raise CorruptObjectError(f"{display} lacks token_set columns {missing}")

@@ -17,7 +17,8 @@ Why this layout:
 - A token set is one Parquet row whose features are one uncompressed binary value
   (``schemas/README.md`` has the measurements): it loads without per-value decoding,
   4-5x faster than numeric list columns, and the per-video fields (frames, timestamps,
-  assignment) sit beside the tokens.
+  assignment) sit beside the tokens. A read takes the features straight out of their
+  column chunk, in parallel pieces, each hashed as it arrives (:func:`_read_token_set`).
 - Reading by video id is one GET (``index/<hash>/<config>.json``) or, without a config,
   one LIST of that id's own prefix: no object of another video is ever opened. The id is
   hashed because it is untrusted text: it can never form a path (``../../x``), exceed a
@@ -37,6 +38,9 @@ by the sanitized root URL plus key.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +49,7 @@ import posixpath
 import re
 import sys
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -53,7 +57,6 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -82,6 +85,17 @@ FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 _TENSOR_COLUMNS = ("features", "frame", "box", "num_patches", "assignment")
 MANIFEST_STATUSES = ("stored", "skipped", "failed")
 FAILURE_STAGES = ("decode", "encode", "merge", "store")
+
+# Payload checksum kinds (schemas/README.md): what schema 2.x writes, and what 1.x wrote.
+_PIECES_CHECKSUM = "sha256-pieces"
+_STREAM_CHECKSUM = "sha256"
+# The features are hashed, and read, in pieces of this size, in parallel. Part of the
+# stored format (every "sha256-pieces" checksum depends on it); tests shrink it to get
+# many pieces out of small token sets.
+_PIECE_BYTES = 16 * 2**20
+# A remote read fetches this much of the object's tail for the Parquet footer (a token
+# set's footer is about 12 KB; a longer one costs a second GET).
+_TAIL_BYTES = 64 * 2**10
 
 _CONTENT_HASH = re.compile(r"sha256:[0-9a-f]{64}")
 _CONFIG_FINGERPRINT = re.compile(r"[0-9a-f]{8,64}")
@@ -469,7 +483,7 @@ class TokenStore:
             found_version = entry["schema_version"]
         except (ValueError, TypeError, KeyError) as error:
             raise CorruptObjectError(f"{self._display(key)} is not a readable index entry ({error})") from None
-        _check_version(INDEX_ENTRY, found_version, self._display(key))
+        check_schema_version(INDEX_ENTRY, found_version, self._display(key))
         missing = [name for name in INDEX_ENTRY.field_names if name not in entry]
         if missing:
             raise CorruptObjectError(f"{self._display(key)} lacks index entry fields {missing}")
@@ -479,14 +493,26 @@ class TokenStore:
 
     def _load_token_set(self, key: str, expected_bytes: int | None) -> tuple[StoredTokenSet, int]:
         """The token set at ``key`` and the object's size, checked end to end."""
-        data = self._get(key)
         display = self._display(key)
-        if expected_bytes is not None and len(data) != expected_bytes:
-            raise CorruptObjectError(
-                f"{display} has {len(data)} bytes, its index entry says {expected_bytes}: truncated or replaced"
-            )
-        table = _read_parquet(TOKEN_SET, data, display)
-        return _decode_token_set(table, display), len(data)
+        with self._open_object(key) as source:
+            if expected_bytes is not None and source.size != expected_bytes:
+                raise CorruptObjectError(
+                    f"{display} has {source.size} bytes, its index entry says {expected_bytes}: truncated or replaced"
+                )
+            return _read_token_set(source, display), source.size
+
+    @contextlib.contextmanager
+    def _open_object(self, key: str) -> Iterator[_LocalObject | _RemoteObject]:
+        """The object at ``key``, open for ranged reads; failed reads raise NotFoundError
+        or StoreError naming it."""
+        display = self._display(key)
+        with _reading(display):
+            path = self._path(key)
+            source = _LocalObject(path, display) if self._is_local else _RemoteObject(self._fs, path, display)
+            try:
+                yield source
+            finally:
+                source.close()
 
     # -- objects: keys, atomic writes, reads, listings -----------------------------------
 
@@ -517,12 +543,8 @@ class TokenStore:
         return len(data)
 
     def _get(self, key: str) -> bytes:
-        try:
+        with _reading(self._display(key)):
             return self._fs.cat_file(self._path(key))
-        except FileNotFoundError:
-            raise NotFoundError(f"{self._display(key)} does not exist") from None
-        except OSError as error:
-            raise StoreError(f"could not read {self._display(key)}: {redact_urls(str(error))}") from error
 
     def _get_many(self, keys: list[str]) -> dict[str, bytes]:
         """``{key: bytes}``, fetched concurrently where the filesystem can (s3fs)."""
@@ -632,20 +654,193 @@ def _write_local_atomically(path: str, data: bytes | pa.Buffer) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Ranged reads of one object, local or remote, and the threads that run them
+
+
+@contextlib.contextmanager
+def _reading(display: str) -> Iterator[None]:
+    """Turn an OSError of reading the object ``display`` into NotFoundError or StoreError."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise NotFoundError(f"{display} does not exist") from None
+    except OSError as error:
+        raise StoreError(f"could not read {display}: {redact_urls(str(error))}") from error
+
+
+class _LocalObject:
+    """An object on local disk, open once: every read sees the same file, even if a
+    writer renames a new one over it meanwhile.
+
+    Arrow reads the footer and columns from the open file; :meth:`read_into` uses
+    ``os.preadv``, which releases the GIL, so pieces read in parallel threads take the
+    page faults of a fresh destination buffer on several cores at once.
+    """
+
+    def __init__(self, path: str, display: str):
+        self._file = open(path, "rb")
+        self._display = display
+        self.size = os.fstat(self._file.fileno()).st_size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def footer(self) -> pq.FileMetaData:
+        return pq.read_metadata(self._file)
+
+    def read_columns(self, metadata: pq.FileMetaData, names: list[str]) -> pa.Table:
+        """Columns ``names``, with their page CRCs verified."""
+        return _read_parquet_columns(self._file, metadata, names)
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Fill the uint8 array ``out`` with the bytes at ``offset``."""
+        done = 0
+        while done < out.nbytes:
+            count = os.preadv(self._file.fileno(), [out[done:]], offset + done)
+            if count == 0:
+                raise CorruptObjectError(f"{self._display} ends at byte {offset + done}, inside its features")
+            done += count
+
+
+class _RemoteObject:
+    """An object on an object store (``s3://...``), read with range GETs.
+
+    A read costs one HEAD (the size), one GET of the tail (the footer), one batch of
+    concurrent GETs for the columns Arrow reads, and concurrent GETs of the feature pieces.
+    """
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, display: str):
+        self._fs, self._path, self._display = fs, path, display
+        fs.invalidate_cache(path)  # another process may have replaced it
+        self.size = fs.size(path)
+
+    def close(self) -> None:
+        """Nothing stays open between requests."""
+
+    def footer(self) -> pq.FileMetaData:
+        (tail,) = self._fetch([(max(0, self.size - _TAIL_BYTES), self.size)])
+        footer_bytes = int.from_bytes(tail[-8:-4], "little") + 8  # footer, its length, "PAR1"
+        if len(tail) < footer_bytes <= self.size:
+            (tail,) = self._fetch([(self.size - footer_bytes, self.size)])
+        return pq.read_metadata(pa.BufferReader(tail))
+
+    def read_columns(self, metadata: pq.FileMetaData, names: list[str]) -> pa.Table:
+        """Columns ``names``, with their page CRCs verified: their column chunks are
+        fetched in one batch (adjacent chunks as one range), then Arrow reads them from
+        memory ("strict": a read outside them fails instead of fetching)."""
+        ranges = _merged_ranges([_chunk_range(chunk) for chunk in _column_chunks(metadata, names)])
+        parts = dict(zip(ranges, self._fetch(ranges)))
+        with self._fs.open(
+            self._path, "rb", cache_type="parts", cache_options={"data": parts, "strict": True}, size=self.size
+        ) as file:
+            return _read_parquet_columns(file, metadata, names)
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        """Fill the uint8 array ``out`` with the bytes at ``offset``."""
+        (data,) = self._fetch([(offset, offset + out.nbytes)])
+        out[:] = np.frombuffer(data, dtype=np.uint8)
+
+    def _fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``(start, end)`` range, fetched concurrently."""
+        with _reading(self._display):
+            blobs = self._fs.cat_ranges(
+                [self._path] * len(ranges), [start for start, _ in ranges], [end for _, end in ranges], on_error="raise"
+            )
+        for (start, end), blob in zip(ranges, blobs):
+            if len(blob) != end - start:
+                raise CorruptObjectError(f"{self._display} ends before byte {end}")
+        return blobs
+
+
+def _read_parquet_columns(file: Any, metadata: pq.FileMetaData, names: list[str]) -> pa.Table:
+    """Columns ``names`` of the Parquet ``file`` (a binary file object) whose footer is
+    ``metadata``, with their page CRCs verified, reading exactly their column chunks."""
+    # No pre-buffering: it would coalesce reads across small gaps (such as a small
+    # features chunk), and run them on Arrow's IO threads. One row needs no thread pool,
+    # and Arrow's pool can abort the interpreter at exit when torch is loaded too
+    # (apache/arrow#34314).
+    parquet_file = pq.ParquetFile(file, metadata=metadata, pre_buffer=False, page_checksum_verification=True)
+    return parquet_file.read(columns=names, use_threads=False)
+
+
+@functools.cache
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Threads that read and hash feature pieces, one per core (hashlib, os.preadv and
+    NumPy copies release the GIL); made on first use."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="token-store")
+
+
+# A forked child inherits the pool but none of its threads: it makes its own.
+os.register_at_fork(after_in_child=_pool.cache_clear)
+
+
+def _column_chunks(metadata: pq.FileMetaData, names: list[str]) -> list[pq.ColumnChunkMetaData]:
+    """The column chunks of the top-level fields ``names`` in the only row group."""
+    row_group = metadata.row_group(0)
+    chunks = (row_group.column(i) for i in range(row_group.num_columns))
+    return [chunk for chunk in chunks if chunk.path_in_schema.split(".")[0] in names]
+
+
+def _chunk_range(chunk: pq.ColumnChunkMetaData) -> tuple[int, int]:
+    """``(start, end)`` of a column chunk's pages in the file."""
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    return start, start + chunk.total_compressed_size
+
+
+def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` sorted, with touching or overlapping ones joined."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+# ---------------------------------------------------------------------------------------
 # Parquet encoding. A token set is one row; the features are one uncompressed
-# large_binary value, so reading them back is one copy out of the page, with no
-# per-value decoding.
+# large_binary value, so they are read back straight out of their column chunk.
 
 
 def payload_checksum(tokens: TokenSet) -> str:
-    """``"sha256:<hex>"`` over a header naming dtype and shapes, then the raw bytes of
-    features, frame, box, num_patches and assignment (schemas/README.md)."""
-    n, c = tokens.features.shape
-    t, h, w = tokens.grid
-    digest = hashlib.sha256(f"{_dtype_name(tokens.features.dtype)} {n}x{c} {t}x{h}x{w}\n".encode())
+    """The payload checksum every write stores, ``"sha256-pieces:<hex>"``."""
+    features = _raw_bytes(tokens.features)
+    pieces = (features[offset : offset + _PIECE_BYTES] for offset in range(0, features.nbytes, _PIECE_BYTES))
+    return _pieces_checksum(tokens, list(_pool().map(_sha256_digest, pieces)))
+
+
+def _pieces_checksum(tokens: TokenSet, piece_digests: list[bytes]) -> str:
+    """``"sha256-pieces:<hex>"`` (schema 2.x): SHA-256 of the header line, the SHA-256
+    digest of each ``_PIECE_BYTES`` piece of the features, then the raw bytes of frame,
+    box, num_patches and assignment (schemas/README.md). The pieces are hashed in
+    parallel, on write and as they are read."""
+    digest = hashlib.sha256(_checksum_header(tokens))
+    for piece_digest in piece_digests:
+        digest.update(piece_digest)
+    for tensor in (tokens.frame, tokens.box, tokens.num_patches, tokens.assignment):
+        digest.update(_raw_bytes(tensor))
+    return f"{_PIECES_CHECKSUM}:{digest.hexdigest()}"
+
+
+def _stream_checksum(tokens: TokenSet) -> str:
+    """``"sha256:<hex>"`` (schema 1.x): SHA-256 of the header line, then the raw bytes
+    of features, frame, box, num_patches and assignment as one stream (one core)."""
+    digest = hashlib.sha256(_checksum_header(tokens))
     for tensor in (tokens.features, tokens.frame, tokens.box, tokens.num_patches, tokens.assignment):
         digest.update(_raw_bytes(tensor))
-    return f"sha256:{digest.hexdigest()}"
+    return f"{_STREAM_CHECKSUM}:{digest.hexdigest()}"
+
+
+def _checksum_header(tokens: TokenSet) -> bytes:
+    """The line ``"<features_dtype> <N>x<C> <T>x<H>x<W>\\n"`` every checksum starts with."""
+    n, c = tokens.features.shape
+    t, h, w = tokens.grid
+    return f"{_dtype_name(tokens.features.dtype)} {n}x{c} {t}x{h}x{w}\n".encode()
+
+
+def _sha256_digest(data: np.ndarray) -> bytes:
+    return hashlib.sha256(data).digest()
 
 
 def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
@@ -695,24 +890,43 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
     return _encode_one_row(TOKEN_SET, row, uncompressed=("features",))
 
 
-def _decode_token_set(table: pa.Table, display: str) -> StoredTokenSet:
-    """The record in a one-row token-set table; the features share the table's memory."""
-    if table.num_rows != 1:
-        raise CorruptObjectError(f"{display} has {table.num_rows} rows, a token set has 1")
+def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> StoredTokenSet:
+    """The token set in ``source``, checked end to end.
+
+    Arrow reads the footer and every column but the features, verifying their page CRCs
+    (they are small). The features are read straight out of their column chunk
+    (:func:`_read_features`) without their page CRC: the payload checksum covers exactly
+    those bytes, so it also proves they were read from the right place.
+    """
+    try:
+        metadata = source.footer()
+        _check_schema(TOKEN_SET, metadata.metadata, display)
+        missing = [name for name in TOKEN_SET.field_names if name not in metadata.schema.to_arrow_schema().names]
+        if missing:
+            raise CorruptObjectError(f"{display} lacks {TOKEN_SET.name} columns {missing}")
+        if metadata.num_rows != 1 or metadata.num_row_groups != 1:
+            raise CorruptObjectError(f"{display} has {metadata.num_rows} rows, a token set has 1")
+        table = source.read_columns(metadata, [name for name in TOKEN_SET.field_names if name != "features"])
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise CorruptObjectError(f"{display} is not a readable Parquet file ({error})") from None
     # Small fields become Python values; the tensors come from the column buffers, since
-    # an Arrow scalar of the features (or a long list) would copy them.
+    # an Arrow scalar of a long list would copy it.
     row = {name: table.column(name)[0].as_py() for name in TOKEN_SET.field_names if name not in _TENSOR_COLUMNS}
     n, c = row["num_tokens"], row["channels"]
     t, h, w = row["grid"]
     if row["features_dtype"] not in FEATURE_DTYPES:
         raise CorruptObjectError(f"{display} has unknown features_dtype {row['features_dtype']!r}")
     dtype = FEATURE_DTYPES[row["features_dtype"]]
+    checksum = row["payload_checksum"]
+    checksum_kind, _, _ = checksum.partition(":")
+    if checksum_kind not in (_PIECES_CHECKSUM, _STREAM_CHECKSUM):
+        raise CorruptObjectError(f"{display} has a payload checksum of unknown kind {checksum_kind!r}")
 
-    features_array = _only_chunk(table, "features")
-    if pc.binary_length(features_array)[0].as_py() != n * c * dtype.itemsize:
-        raise CorruptObjectError(f"{display}: features do not hold the bytes of [{n}, {c}] {row['features_dtype']}")
+    features, piece_digests = _read_features(
+        source, metadata, n * c * dtype.itemsize, hash_pieces=checksum_kind == _PIECES_CHECKSUM, display=display
+    )
     tokens = TokenSet(
-        features=_tensor_from_binary_value(features_array, dtype).view(n, c),
+        features=features.view(dtype).view(n, c),
         frame=_int32_tensor(_only_chunk(table, "frame").flatten()),
         box=_int32_tensor(_only_chunk(table, "box").flatten().flatten()).view(-1, 4),
         num_patches=_int32_tensor(_only_chunk(table, "num_patches").flatten()),
@@ -727,8 +941,12 @@ def _decode_token_set(table: pa.Table, display: str) -> StoredTokenSet:
     )
     if not (tokens.frame.shape == tokens.num_patches.shape == (n,) and tokens.box.shape == (n, 4)):
         raise CorruptObjectError(f"{display}: per-token columns do not have {n} entries")
-    if payload_checksum(tokens) != row["payload_checksum"]:
-        raise CorruptObjectError(f"{display}: token payload does not match its checksum {row['payload_checksum']}")
+    if checksum_kind == _PIECES_CHECKSUM:
+        actual = _pieces_checksum(tokens, piece_digests)
+    else:
+        actual = _stream_checksum(tokens)
+    if actual != checksum:
+        raise CorruptObjectError(f"{display}: token payload does not match its checksum {checksum}")
     return StoredTokenSet(
         video_id=row["video_id"],
         source_uri=row["source_uri"],
@@ -746,8 +964,58 @@ def _decode_token_set(table: pa.Table, display: str) -> StoredTokenSet:
         run_id=row["run_id"],
         created_at=row["created_at"],
         merge_layer=row["merge_layer"],
-        payload_checksum=row["payload_checksum"],
+        payload_checksum=checksum,
     )
+
+
+def _read_features(
+    source: _LocalObject | _RemoteObject, metadata: pq.FileMetaData, nbytes: int, hash_pieces: bool, display: str
+) -> tuple[torch.Tensor, list[bytes] | None]:
+    """The ``nbytes`` bytes of the features value as a new ``[nbytes]`` uint8 tensor, and
+    with ``hash_pieces`` the SHA-256 digest of each ``_PIECE_BYTES`` piece (else None).
+
+    The pieces are read in parallel threads straight into the tensor, and each is hashed
+    by the thread that read it, right away, while it is still in cache.
+    """
+    start = _features_value_offset(metadata, nbytes, source.size, display)
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    array = buffer.numpy()
+
+    def read_piece(offset: int) -> bytes | None:
+        piece = array[offset : offset + _PIECE_BYTES]
+        source.read_into(start + offset, piece)
+        return _sha256_digest(piece) if hash_pieces else None
+
+    pieces = [_pool().submit(read_piece, offset) for offset in range(0, nbytes, _PIECE_BYTES)]
+    # Let every read finish, failed or not, before the source can be closed.
+    concurrent.futures.wait(pieces)
+    digests = [piece.result() for piece in pieces]  # raises the first piece's error
+    return buffer, digests if hash_pieces else None
+
+
+def _features_value_offset(metadata: pq.FileMetaData, nbytes: int, object_bytes: int, display: str) -> int:
+    """Where the ``nbytes`` of the features value start in the object.
+
+    The writer stores the features uncompressed, PLAIN-encoded (a 4-byte length, then the
+    bytes), without a dictionary, as the only value of their column chunk: the value is
+    the chunk's last ``nbytes`` bytes. Anything else is refused here; a wrong offset or
+    length is caught by the payload checksum.
+    """
+    chunks = _column_chunks(metadata, ["features"])
+    if len(chunks) != 1:
+        raise CorruptObjectError(f"{display}: features are {len(chunks)} Parquet columns, not one binary column")
+    chunk = chunks[0]
+    # RLE and BIT_PACKED can only be the encodings of the (empty) levels.
+    plain = set(chunk.encodings) <= {"PLAIN", "RLE", "BIT_PACKED"}
+    if chunk.compression != "UNCOMPRESSED" or chunk.has_dictionary_page or not plain:
+        raise CorruptObjectError(
+            f"{display}: features are stored {chunk.compression} with encodings {chunk.encodings}, "
+            "not uncompressed PLAIN without a dictionary"
+        )
+    start, end = _chunk_range(chunk)
+    if not (0 <= start and end - start >= nbytes and end <= object_bytes):
+        raise CorruptObjectError(f"{display}: the features column chunk [{start}, {end}) cannot hold {nbytes} bytes")
+    return end - nbytes
 
 
 def _encode_one_row(schema: RecordSchema, row: dict[str, Any], uncompressed: tuple[str, ...] = ()) -> pa.Buffer:
@@ -775,11 +1043,7 @@ def _read_parquet(schema: RecordSchema, data: bytes, display: str) -> pa.Table:
     """The table in ``data`` after checking it is a ``schema`` object of a readable version."""
     try:
         parquet_file = pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
-        metadata = parquet_file.schema_arrow.metadata or {}
-        found_name = metadata.get(SCHEMA_NAME_KEY, b"").decode()
-        if found_name != schema.name:
-            raise CorruptObjectError(f"{display} is not a {schema.name} object (it says {found_name or 'nothing'!r})")
-        _check_version(schema, metadata.get(SCHEMA_VERSION_KEY, b"").decode(), display)
+        _check_schema(schema, parquet_file.schema_arrow.metadata, display)
         # One row needs no thread pool, and Arrow's pool can abort the interpreter at exit
         # when torch is loaded too (apache/arrow#34314).
         table = parquet_file.read(use_threads=False)
@@ -798,8 +1062,19 @@ def _decode_one_row(schema: RecordSchema, data: bytes, display: str) -> dict[str
     return table.select(schema.field_names).to_pylist()[0]
 
 
-def _check_version(schema: RecordSchema, found_version: str, display: str) -> None:
-    """Refuse objects of another major version: their fields may mean something else."""
+def _check_schema(schema: RecordSchema, metadata: Mapping[bytes, bytes] | None, display: str) -> None:
+    """Refuse an object whose Parquet metadata does not name ``schema`` at a version this
+    code reads."""
+    metadata = metadata or {}
+    found_name = metadata.get(SCHEMA_NAME_KEY, b"").decode()
+    if found_name != schema.name:
+        raise CorruptObjectError(f"{display} is not a {schema.name} object (it says {found_name or 'nothing'!r})")
+    check_schema_version(schema, metadata.get(SCHEMA_VERSION_KEY, b"").decode(), display)
+
+
+def check_schema_version(schema: RecordSchema, found_version: str, display: str) -> None:
+    """Refuse an object of a major version ``schema`` does not read (its own and the
+    older ones in ``schema.reads_majors``): its fields may mean something else."""
     try:
         found_major, _ = parse_version(found_version)
     except ValueError:
@@ -809,10 +1084,11 @@ def _check_version(schema: RecordSchema, found_version: str, display: str) -> No
             f"{display} was written with {schema.name} schema version {found_version}, newer than the "
             f"{schema.version} this sttm-pipeline reads; upgrade sttm-pipeline to read it"
         )
-    if found_major < schema.major:
+    if found_major not in schema.reads_majors:
         raise SchemaVersionError(
             f"{display} was written with {schema.name} schema version {found_version}, older than the "
-            f"{schema.version} this sttm-pipeline reads; re-run the job that wrote it"
+            f"major versions {', '.join(map(str, schema.reads_majors))} this sttm-pipeline reads; re-run the job "
+            "that wrote it"
         )
 
 
@@ -868,21 +1144,6 @@ def _one_list_value(values: pa.Array) -> pa.Array:
 def _only_chunk(table: pa.Table, name: str) -> pa.Array:
     """The chunk holding the row of a one-row table."""
     return next(chunk for chunk in table.column(name).chunks if len(chunk))
-
-
-def _tensor_from_binary_value(array: pa.LargeBinaryArray, dtype: torch.dtype) -> torch.Tensor:
-    """The value of a one-element large_binary array as a 1-D ``dtype`` tensor.
-
-    Parquet decoding gives the value its own writable Arrow buffer; the tensor shares it
-    when it is aligned for ``dtype`` and copies it otherwise. (Going through an Arrow
-    scalar or a buffer slice would copy, or yield read-only memory torch cannot share.)
-    """
-    start, end = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset : array.offset + 2].tolist()
-    values = array.buffers()[2]
-    count = (end - start) // dtype.itemsize
-    if values.is_mutable and (values.address + start) % dtype.itemsize == 0:
-        return torch.frombuffer(values, dtype=dtype, count=count, offset=start)
-    return torch.frombuffer(bytearray(values.slice(start, end - start)), dtype=dtype)
 
 
 def _int32_tensor(values: pa.Array) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """What the token store holds: the single source of truth for every stored field.
 
 Each ``*.json`` file beside this module defines one kind of stored record: its name, its
-``schema_version`` (``"MAJOR.MINOR"``) and its fields, each with a type, whether it may be
-null and a one-line description (README.md beside this module explains the format and
-the compatibility rules). Code never spells out columns itself; it asks a
+``schema_version`` (``"MAJOR.MINOR"``), the older major versions it still reads
+(``reads_majors``, optional) and its fields, each with a type, whether it may be null and
+a one-line description (README.md beside this module explains the format and the
+compatibility rules). Code never spells out columns itself; it asks a
 :class:`RecordSchema` for its Arrow schema.
 
 Field types are written as Arrow types:
@@ -48,12 +49,17 @@ class FieldSpec:
 
 @dataclass(frozen=True)
 class RecordSchema:
-    """One kind of stored record (token set, index entry, run manifest, failure)."""
+    """One kind of stored record (token set, index entry, run manifest, failure).
+
+    ``reads_majors``: the major versions whose objects this code reads: its own, and the
+    older ones it still knows how to read (README.md, "Versions").
+    """
 
     name: str
     version: str
     description: str
     fields: tuple[FieldSpec, ...]
+    reads_majors: tuple[int, ...]
 
     @property
     def major(self) -> int:
@@ -86,12 +92,16 @@ def load(name: str) -> RecordSchema:
     """Read ``<name>.json`` from this package."""
     text = resources.files(__package__).joinpath(f"{name}.json").read_text(encoding="utf-8")
     spec = json.loads(text)
-    parse_version(spec["schema_version"])
+    major, _ = parse_version(spec["schema_version"])
+    reads_majors = tuple(spec.get("reads_majors", [major]))
+    if major not in reads_majors or max(reads_majors) > major:
+        raise ValueError(f"{name}.json: reads_majors {list(reads_majors)} must hold {major} and nothing newer")
     return RecordSchema(
         name=spec["name"],
         version=spec["schema_version"],
         description=spec["description"],
         fields=tuple(_field_spec(field) for field in spec["fields"]),
+        reads_majors=reads_majors,
     )
 
 

@@ -23,6 +23,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import pipeline.store as store_module
+import schemas
 import sttm
 from pipeline.cli import main
 from pipeline.config import PreprocessConfig
@@ -32,7 +34,7 @@ from pipeline.inspect_store import summarize_store
 from pipeline.models.base import VideoAdapter, load_adapter
 from pipeline.run import run_preprocess
 from pipeline.samples import SAMPLE_DIR
-from pipeline.store import StoredTokenSet, TokenStore
+from pipeline.store import SchemaVersionError, StoredTokenSet, TokenStore
 from pipeline.visualize import (
     BUDGET_COLOURS,
     COARSE_COLOUR,
@@ -46,6 +48,7 @@ from pipeline.visualize import (
     draw_budget_curve,
     visualize_stored_video,
 )
+from test_store import at_version, make_record, write_as_schema_1_0
 
 MODEL = "tiny-random:llava-onevision"
 FRAMES = 4
@@ -256,6 +259,20 @@ def test_inspect_names_a_token_set_its_index_points_to_but_is_gone(pipeline_stor
     result = CliRunner().invoke(main, ["inspect", str(store)])
     assert result.exit_code == 1
     assert f"{store}/{key} is not a readable token set" in result.output
+
+
+def test_inspect_reads_token_sets_of_schema_1_0_and_refuses_a_future_major(tmp_path, monkeypatch):
+    store = TokenStore(str(tmp_path))
+    old = make_record("old-video")
+    write_as_schema_1_0(store, old)
+    assert [row.video_id for row in summarize_store(str(tmp_path)).videos] == ["old-video"]
+    assert summarize_store(str(tmp_path)).videos[0].tau_s == old.tokens.tau_s
+
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.0"))
+    key = store.write(make_record("future-video", video_bytes=b"other bytes"))
+    monkeypatch.undo()
+    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 3\.0"):
+        summarize_store(str(tmp_path))
 
 
 def test_inspect_of_a_missing_store_says_so(tmp_path):

@@ -1,12 +1,15 @@
 """The token store on local disk and on a real S3-protocol server (the ``s3_server`` fixture)."""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import signal
 import subprocess
 import sys
 import uuid
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -57,6 +60,10 @@ SECRETS = ("hunter2", "AKIAEXAMPLEKEY", "deadbeef0123")
 # Integer views with the same width as each float dtype: comparing them compares bits,
 # so NaN payloads, -0.0 and subnormals must survive too.
 BITS_DTYPE = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# A piece size for tests: small token sets then span many pieces.
+SMALL_PIECE = 64 * 2**10
 
 
 def make_tokens(
@@ -120,8 +127,9 @@ def make_record(
     )
 
 
-def assert_same_record(read: StoredTokenSet, written: StoredTokenSet) -> None:
-    """Equal in every field; tokens bit for bit."""
+def assert_same_record(read: StoredTokenSet, written: StoredTokenSet, checksum: str | None = None) -> None:
+    """Equal in every field; tokens bit for bit; the payload checksum read is ``checksum``
+    (by default the one a write stores now)."""
     a, b = read.tokens, written.tokens
     assert a.features.dtype == b.features.dtype and a.features.shape == b.features.shape
     bits = BITS_DTYPE[b.features.dtype]
@@ -130,11 +138,76 @@ def assert_same_record(read: StoredTokenSet, written: StoredTokenSet) -> None:
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     for name in ("grid", "tau_s", "tau_t", "root_level", "weighted", "head_dim", "budget"):
         assert getattr(a, name) == getattr(b, name), name
-    assert read.payload_checksum == store_module.payload_checksum(b)
+    assert read.payload_checksum == (checksum or store_module.payload_checksum(b))
     expected = replace(written, source_uri=sanitize_uri(written.source_uri))
     for name in StoredTokenSet.__dataclass_fields__:
         if name not in ("tokens", "payload_checksum"):
             assert getattr(read, name) == getattr(expected, name), name
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def checksum_header(tokens: TokenSet) -> bytes:
+    (n, c), (t, h, w) = tokens.features.shape, tokens.grid
+    return f"{DTYPE_NAMES[tokens.features.dtype]} {n}x{c} {t}x{h}x{w}\n".encode()
+
+
+def pieces_checksum(tokens: TokenSet, piece_bytes: int = 16 * 2**20) -> str:
+    """The schema 2.x payload checksum, computed as schemas/README.md defines it."""
+    features = tensor_bytes(tokens.features)
+    digest = hashlib.sha256(checksum_header(tokens))
+    for start in range(0, len(features), piece_bytes):
+        digest.update(hashlib.sha256(features[start : start + piece_bytes]).digest())
+    for tensor in (tokens.frame, tokens.box, tokens.num_patches, tokens.assignment):
+        digest.update(tensor_bytes(tensor))
+    return f"sha256-pieces:{digest.hexdigest()}"
+
+
+def stream_checksum(tokens: TokenSet) -> str:
+    """The schema 1.x payload checksum, computed as schemas/README.md defines it."""
+    digest = hashlib.sha256(checksum_header(tokens))
+    for tensor in (tokens.features, tokens.frame, tokens.box, tokens.num_patches, tokens.assignment):
+        digest.update(tensor_bytes(tensor))
+    return f"sha256:{digest.hexdigest()}"
+
+
+def flip_bit_inside(data: bytes, part: bytes) -> bytes:
+    """``data`` with one bit flipped two thirds into its only copy of ``part``."""
+    at = data.find(part)
+    assert at >= 0 and data.find(part, at + 1) == -1, "part must occur exactly once"
+    flipped = bytearray(data)
+    flipped[at + 2 * len(part) // 3] ^= 0x10
+    return bytes(flipped)
+
+
+@dataclass
+class RawStore:
+    """A store, and raw access to its objects by key (bypassing the store)."""
+
+    store: TokenStore
+    get: Callable[[str], bytes]
+    put: Callable[[str, bytes], object]
+
+
+@pytest.fixture(params=["local", "s3"])
+def raw_store(request, tmp_path) -> RawStore:
+    """A store on local disk, or on the S3 server."""
+    if request.param == "local":
+        return RawStore(
+            TokenStore(str(tmp_path)),
+            lambda key: (tmp_path / key).read_bytes(),
+            lambda key, data: (tmp_path / key).write_bytes(data),
+        )
+    s3_server = request.getfixturevalue("s3_server")
+    store, bucket = s3_store(s3_server)
+    client = s3_server.client()
+    return RawStore(
+        store,
+        lambda key: client.get_object(Bucket=bucket, Key=f"store/{key}")["Body"].read(),
+        lambda key, data: client.put_object(Bucket=bucket, Key=f"store/{key}", Body=data),
+    )
 
 
 def s3_store(s3_server, prefix: str = "store") -> tuple[TokenStore, str]:
@@ -178,6 +251,54 @@ def test_round_trip_on_s3(s3_server, dtype):
     key = store.write(record)
     assert key == token_set_key(record.content_hash, CONFIG)
     assert_same_record(store.read(record.video_id, CONFIG), record)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_features_spanning_many_pieces_round_trip_bit_exact(raw_store, monkeypatch, dtype):
+    monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)
+    # On S3 the footer (about 12 KB) then takes a second GET.
+    monkeypatch.setattr(store_module, "_TAIL_BYTES", 1024)
+    record = make_record(dtype=dtype, num_tokens=700, channels=300, grid=(4, 20, 20))
+    nbytes = record.tokens.features.numel() * record.tokens.features.element_size()
+    assert nbytes > 6 * SMALL_PIECE and nbytes % SMALL_PIECE, "many pieces, the last one shorter"
+    raw_store.store.write(record)
+
+    read = raw_store.store.read(record.video_id)
+    assert_same_record(read, record)
+    assert read.payload_checksum == pieces_checksum(record.tokens, SMALL_PIECE)
+    features = read.tokens.features
+    assert features.device.type == "cpu" and features.is_contiguous()
+    assert features.view(torch.uint8).numpy().flags.writeable
+
+
+def test_features_over_16_mib_round_trip_with_the_real_piece_size(tmp_path):
+    store = TokenStore(str(tmp_path))
+    record = make_record(num_tokens=2400, channels=3584, grid=(8, 16, 16))  # 17.2 MB: 2 pieces
+    store.write(record)
+    read = store.read(record.video_id)
+    assert_same_record(read, record)
+    assert read.payload_checksum == pieces_checksum(record.tokens)
+
+
+def test_s3_read_fetches_the_footer_the_small_columns_and_the_feature_pieces(s3_server, monkeypatch):
+    monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)
+    store, _ = s3_store(s3_server)
+    record = make_record(num_tokens=500, channels=256, grid=(4, 16, 16))  # 256000 bytes: 4 pieces
+    store.write(record)
+    fetches = []
+    fetch = store_module._RemoteObject._fetch
+
+    def recorded_fetch(self, ranges):
+        fetches.append(ranges)
+        return fetch(self, ranges)
+
+    monkeypatch.setattr(store_module._RemoteObject, "_fetch", recorded_fetch)
+
+    assert_same_record(store.read(record.video_id), record)
+    footer, columns, *pieces = fetches
+    assert len(footer) == 1 and len(columns) == 2, "the small columns before and after the features, in one batch"
+    assert [len(ranges) for ranges in pieces] == [1] * 4
+    assert sum(end - start for ((start, end),) in pieces) == 256000
 
 
 def test_file_url_and_plain_path_name_the_same_store(tmp_path):
@@ -375,17 +496,21 @@ def test_writer_killed_mid_write_on_s3(s3_server):
 # Corrupt objects
 
 
-def test_flipped_bytes_are_a_corrupt_object_error_naming_it(s3_server):
-    store, bucket = s3_store(s3_server)
+@pytest.mark.parametrize(
+    ("column", "error"),
+    [
+        ("features", "token payload does not match its checksum sha256-pieces:"),
+        ("assignment", "not a readable Parquet file .*CRC"),  # a small column: its page CRC
+    ],
+)
+def test_a_flipped_bit_is_a_corrupt_object_error_naming_it(raw_store, monkeypatch, column, error):
+    monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)
+    store = raw_store.store
     record = make_record(num_tokens=500, channels=256, grid=(4, 16, 16))
     key = store.write(record)
-    client = s3_server.client()
-    data = bytearray(client.get_object(Bucket=bucket, Key=f"store/{key}")["Body"].read())
-    middle = len(data) // 2
-    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
-    client.put_object(Bucket=bucket, Key=f"store/{key}", Body=bytes(data))
+    raw_store.put(key, flip_bit_inside(raw_store.get(key), tensor_bytes(getattr(record.tokens, column))))
 
-    with pytest.raises(CorruptObjectError, match=f"s3://{bucket}/store/{key}"):
+    with pytest.raises(CorruptObjectError, match=f"{store.url}/{key}:? .*{error}"):
         store.read(record.video_id)
     # Re-running the video replaces the corrupt object.
     store.write(record)
@@ -405,14 +530,25 @@ def test_truncated_object_is_a_corrupt_object_error_naming_it(s3_server):
     assert not store.exists(record.content_hash, CONFIG, video_id=record.video_id)
 
 
-def test_payload_not_matching_its_checksum_is_a_corrupt_object_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sha256-pieces", "sha256"])
+def test_payload_not_matching_its_checksum_is_a_corrupt_object_error(tmp_path, monkeypatch, kind):
     # A well-formed Parquet file whose tokens are not the ones the checksum was taken of.
     store = TokenStore(str(tmp_path))
     record = make_record()
-    monkeypatch.setattr(store_module, "payload_checksum", lambda tokens: "sha256:" + "0" * 64)
+    monkeypatch.setattr(store_module, "payload_checksum", lambda tokens: f"{kind}:" + "0" * 64)
     key = store.write(record)
     monkeypatch.undo()
-    with pytest.raises(CorruptObjectError, match=f"{key}: token payload does not match its checksum"):
+    with pytest.raises(CorruptObjectError, match=f"{key}: token payload does not match its checksum {kind}:"):
+        store.read(record.video_id)
+
+
+def test_unknown_payload_checksum_kind_is_a_corrupt_object_error(tmp_path, monkeypatch):
+    store = TokenStore(str(tmp_path))
+    record = make_record()
+    monkeypatch.setattr(store_module, "payload_checksum", lambda tokens: "md5:" + "0" * 32)
+    key = store.write(record)
+    monkeypatch.undo()
+    with pytest.raises(CorruptObjectError, match=f"{key} has a payload checksum of unknown kind 'md5'"):
         store.read(record.video_id)
 
 
@@ -429,16 +565,22 @@ def test_garbage_index_entry_is_a_corrupt_object_error(tmp_path):
 # Schema versions
 
 
-def newer(schema: schemas.RecordSchema, version: str) -> schemas.RecordSchema:
+def at_version(schema: schemas.RecordSchema, version: str) -> schemas.RecordSchema:
     return replace(schema, version=version)
+
+
+def test_token_set_reads_schema_majors_1_and_2_other_records_only_their_own():
+    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("2.0", (1, 2))
+    for schema in (schemas.INDEX_ENTRY, schemas.RUN_MANIFEST, schemas.FAILURE):
+        assert schema.reads_majors == (schema.major,), schema.name
 
 
 def test_store_written_with_a_newer_major_version_is_refused(s3_server, monkeypatch):
     store, _ = s3_store(s3_server)
     record = make_record()
-    # Write the store as a future sttm-pipeline with schema 2.0 would.
-    monkeypatch.setattr(store_module, "TOKEN_SET", newer(schemas.TOKEN_SET, "2.0"))
-    monkeypatch.setattr(store_module, "INDEX_ENTRY", newer(schemas.INDEX_ENTRY, "2.0"))
+    # Write the store as a future sttm-pipeline with newer major versions would.
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.0"))
+    monkeypatch.setattr(store_module, "INDEX_ENTRY", at_version(schemas.INDEX_ENTRY, "2.0"))
     store.write(record)
     monkeypatch.undo()
 
@@ -451,21 +593,61 @@ def test_store_written_with_a_newer_major_version_is_refused(s3_server, monkeypa
 def test_token_set_of_a_newer_major_version_is_refused_naming_it(tmp_path, monkeypatch):
     store = TokenStore(str(tmp_path))
     record = make_record()
-    monkeypatch.setattr(store_module, "TOKEN_SET", newer(schemas.TOKEN_SET, "2.0"))
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.0"))
     key = store.write(record)
     monkeypatch.undo()
-    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 2\.0"):
+    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 3\.0.*upgrade"):
+        store.read(record.video_id)
+
+
+def test_token_set_of_a_major_version_no_longer_read_is_refused_naming_it(tmp_path, monkeypatch):
+    store = TokenStore(str(tmp_path))
+    record = make_record()
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "0.9"))
+    key = store.write(record)
+    monkeypatch.undo()
+    with pytest.raises(SchemaVersionError, match=rf"{key} .* version 0\.9, older.*re-run the job"):
         store.read(record.video_id)
 
 
 def test_newer_minor_version_is_still_read(tmp_path, monkeypatch):
     store = TokenStore(str(tmp_path))
     record = make_record()
-    monkeypatch.setattr(store_module, "TOKEN_SET", newer(schemas.TOKEN_SET, "1.7"))
-    monkeypatch.setattr(store_module, "INDEX_ENTRY", newer(schemas.INDEX_ENTRY, "1.7"))
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "2.7"))
+    monkeypatch.setattr(store_module, "INDEX_ENTRY", at_version(schemas.INDEX_ENTRY, "1.7"))
     store.write(record)
     monkeypatch.undo()
     assert_same_record(store.read(record.video_id), record)
+
+
+def write_as_schema_1_0(store: TokenStore, record: StoredTokenSet) -> str:
+    """Write ``record`` as sttm-pipeline did with token_set schema 1.0: the same layout,
+    with the whole-stream "sha256:" payload checksum."""
+    with pytest.MonkeyPatch.context() as old_writer:
+        old_writer.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "1.0"))
+        old_writer.setattr(store_module, "payload_checksum", stream_checksum)
+        return store.write(record)
+
+
+def test_token_set_of_schema_1_0_is_still_read(raw_store, monkeypatch):
+    monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)  # read in pieces, hashed as one stream
+    record = make_record(num_tokens=500, channels=256, grid=(4, 16, 16))
+    key = write_as_schema_1_0(raw_store.store, record)
+    stored = pq.read_table(io.BytesIO(raw_store.get(key)), columns=["payload_checksum"])
+    assert stored.schema.metadata[b"sttm.schema_version"] == b"1.0"
+    assert stored.column("payload_checksum")[0].as_py().startswith("sha256:")
+
+    assert_same_record(raw_store.store.read(record.video_id), record, checksum=stream_checksum(record.tokens))
+
+
+def test_corrupt_token_set_of_schema_1_0_is_a_corrupt_object_error(raw_store, monkeypatch):
+    monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)
+    store = raw_store.store
+    record = make_record(num_tokens=500, channels=256, grid=(4, 16, 16))
+    key = write_as_schema_1_0(store, record)
+    raw_store.put(key, flip_bit_inside(raw_store.get(key), tensor_bytes(record.tokens.features)))
+    with pytest.raises(CorruptObjectError, match=f"{store.url}/{key}: token payload does not match .* sha256:"):
+        store.read(record.video_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -623,10 +805,24 @@ def test_every_stored_field_is_described():
 
 
 def test_features_are_stored_as_one_uncompressed_value(tmp_path):
-    # The layout that loads at close to raw-file speed (schemas/README.md, "Layout").
+    # The layout that loads at close to raw-file speed (schemas/README.md), and that
+    # readers take the features straight out of.
     store = TokenStore(str(tmp_path))
     key = store.write(make_record())
     metadata = pq.ParquetFile(tmp_path / key).metadata
-    assert metadata.num_rows == 1
+    assert metadata.num_rows == 1 and metadata.num_row_groups == 1
     features = metadata.row_group(0).column(schemas.TOKEN_SET.field_names.index("features"))
+    assert features.path_in_schema == "features"
     assert features.compression == "UNCOMPRESSED"
+    assert "PLAIN" in features.encodings and not features.has_dictionary_page
+
+
+def test_features_not_stored_uncompressed_are_a_corrupt_object_error(tmp_path, monkeypatch):
+    store = TokenStore(str(tmp_path))
+    record = make_record()
+    encode = store_module._encode_one_row
+    monkeypatch.setattr(store_module, "_encode_one_row", lambda schema, row, uncompressed=(): encode(schema, row))
+    key = store.write(record)
+    monkeypatch.undo()
+    with pytest.raises(CorruptObjectError, match=f"{key}: features are stored ZSTD"):
+        store.read(record.video_id)
