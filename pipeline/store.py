@@ -92,7 +92,7 @@ _STREAM_CHECKSUM = "sha256"
 # The features are hashed, and read, in pieces of this size, in parallel. Part of the
 # stored format (every "sha256-pieces" checksum depends on it); tests shrink it to get
 # many pieces out of small token sets.
-_PIECE_BYTES = 16 * 2**20
+_PIECE_BYTES = 4 * 2**20
 # A remote read fetches this much of the object's tail for the Parquet footer (a token
 # set's footer is about 12 KB; a longer one costs a second GET).
 _TAIL_BYTES = 64 * 2**10

@@ -154,7 +154,7 @@ def checksum_header(tokens: TokenSet) -> bytes:
     return f"{DTYPE_NAMES[tokens.features.dtype]} {n}x{c} {t}x{h}x{w}\n".encode()
 
 
-def pieces_checksum(tokens: TokenSet, piece_bytes: int = 16 * 2**20) -> str:
+def pieces_checksum(tokens: TokenSet, piece_bytes: int = 4 * 2**20) -> str:
     """The schema 2.x payload checksum, computed as schemas/README.md defines it."""
     features = tensor_bytes(tokens.features)
     digest = hashlib.sha256(checksum_header(tokens))
@@ -271,9 +271,9 @@ def test_features_spanning_many_pieces_round_trip_bit_exact(raw_store, monkeypat
     assert features.view(torch.uint8).numpy().flags.writeable
 
 
-def test_features_over_16_mib_round_trip_with_the_real_piece_size(tmp_path):
+def test_features_over_4_mib_round_trip_with_the_real_piece_size(tmp_path):
     store = TokenStore(str(tmp_path))
-    record = make_record(num_tokens=2400, channels=3584, grid=(8, 16, 16))  # 17.2 MB: 2 pieces
+    record = make_record(num_tokens=2400, channels=3584, grid=(8, 16, 16))  # 17.2 MB: 5 pieces
     store.write(record)
     read = store.read(record.video_id)
     assert_same_record(read, record)
