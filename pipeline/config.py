@@ -20,10 +20,10 @@ DEFAULT_MODEL = "tiny-random:llava-onevision"
 DEFAULT_STORE = "./sttm-store"
 
 # Decode cores that keep one GPU encoder busy. Measured (README "Performance"): one H100
-# encodes 372 frames/s (LLaVA-OneVision-7B shapes, 128-frame videos, encode + STTM), while
+# encodes 419 frames/s (LLaVA-OneVision-7B shapes, 128-frame videos, encode + STTM), while
 # one CPU core decodes about 85 sampled 720p frames/s and resizes about 350 frames/s to
-# 384x384: 68 frames/s per core, so 372 / 68 = 5.5 cores per GPU, rounded up.
-CPUS_PER_GPU_WORKER = 6
+# 384x384: 68 frames/s per core, so 419 / 68 = 6.2 cores per GPU, rounded up.
+CPUS_PER_GPU_WORKER = 7
 
 
 class ConfigError(ValueError):
