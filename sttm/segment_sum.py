@@ -48,7 +48,8 @@ def weighted_segment_sum(rows: torch.Tensor, weight: torch.Tensor, segment: torc
     of each segment (given, because counting here would cost a host sync on CUDA).
     """
     num_segments = int(counts.shape[0])
-    if HAS_TRITON and rows.is_cuda and rows.dtype != torch.float64:
+    # The kernel's offsets are 32-bit: outputs of 2**31 values or more take index_put_.
+    if HAS_TRITON and rows.is_cuda and rows.dtype != torch.float64 and num_segments * rows.shape[1] < 2**31:
         rows = rows.contiguous()
         order = torch.argsort(segment, stable=True)  # each segment's rows, in increasing index
         starts = torch.zeros(num_segments + 1, dtype=torch.long, device=rows.device)
