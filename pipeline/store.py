@@ -901,7 +901,8 @@ def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> Store
     try:
         metadata = source.footer()
         _check_schema(TOKEN_SET, metadata.metadata, display)
-        missing = [name for name in TOKEN_SET.field_names if name not in metadata.schema.to_arrow_schema().names]
+        present = set(metadata.schema.to_arrow_schema().names)
+        missing = [name for name in TOKEN_SET.field_names if name not in present]
         if missing:
             raise CorruptObjectError(f"{display} lacks {TOKEN_SET.name} columns {missing}")
         if metadata.num_rows != 1 or metadata.num_row_groups != 1:
