@@ -118,9 +118,9 @@ def cell_similarities(x: torch.Tensor, root_level: int, weighted: bool, head_dim
     tree = quadtree(height, width, root_level, x.device)
     compute_dtype = _compute_dtype(x)
     heads = channels // (head_dim or channels)
-    grams, cross_grams = _block_grams(x, tree, heads, compute_dtype, temporal=temporal and frames > 1)
     weights = tree.block_weights[weighted].to(compute_dtype)[:, None]  # [R, 1, m, n]: cells from patches
     with _ieee_float32_matmuls():
+        grams, cross_grams = _block_grams(x, tree, heads, compute_dtype, temporal=temporal and frames > 1)
         # Cell dot products per head: cell . cell' = w G w'^T.
         dots = weights @ grams @ weights.transpose(-1, -2)  # [T, R, heads, m, m]
         if cross_grams is not None:
@@ -146,7 +146,7 @@ def _block_grams(x: torch.Tensor, tree: Quadtree, heads: int, compute_dtype: tor
                  temporal: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-head Gram matrices of each block's patches: ``[T, R, heads, n, n]`` within each
     frame and, with ``temporal``, ``[T-1, R, heads, n, n]`` between frame ``t`` (rows) and
-    ``t+1`` (columns), in ``compute_dtype``.
+    ``t+1`` (columns), in ``compute_dtype``. Run under ``_ieee_float32_matmuls``.
 
     Half-precision input on CUDA: whole frames, ``[H*W, H*W]``, on the tensor cores with
     float32 output (products of 16-bit floats are exact in float32 and the sums are
@@ -156,24 +156,23 @@ def _block_grams(x: torch.Tensor, tree: Quadtree, heads: int, compute_dtype: tor
     """
     frames, height, width, channels = x.shape
     patches_per_frame, head_size = height * width, channels // heads
-    with _ieee_float32_matmuls():
-        if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            by_head = x.reshape(frames, patches_per_frame, heads, head_size).transpose(1, 2)  # [T, heads, H*W, d]
-            rows, columns = tree.block_patches[:, :, None], tree.block_patches[:, None, :]
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        by_head = x.reshape(frames, patches_per_frame, heads, head_size).transpose(1, 2)  # [T, heads, H*W, d]
+        rows, columns = tree.block_patches[:, :, None], tree.block_patches[:, None, :]
 
-            def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-                whole = torch.bmm(a.reshape(-1, patches_per_frame, head_size),
-                                  b.reshape(-1, patches_per_frame, head_size).transpose(1, 2), out_dtype=torch.float32)
-                whole = whole.view(a.shape[0], heads, patches_per_frame, patches_per_frame)
-                return whole[:, :, rows, columns].transpose(1, 2)
+        def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            whole = torch.bmm(a.reshape(-1, patches_per_frame, head_size),
+                              b.reshape(-1, patches_per_frame, head_size).transpose(1, 2), out_dtype=torch.float32)
+            whole = whole.view(a.shape[0], heads, patches_per_frame, patches_per_frame)
+            return whole[:, :, rows, columns].transpose(1, 2)
 
-            return gram(by_head, by_head), gram(by_head[:-1], by_head[1:]) if temporal else None
+        return gram(by_head, by_head), gram(by_head[:-1], by_head[1:]) if temporal else None
 
-        blocks, block_size = tree.block_patches.shape
-        patches = x.reshape(frames, patches_per_frame, channels).index_select(1, tree.block_patches.flatten())
-        patches = patches.to(compute_dtype).view(frames, blocks, block_size, heads, head_size).transpose(2, 3)
-        grams = patches @ patches.transpose(-1, -2)
-        return grams, patches[:-1] @ patches[1:].transpose(-1, -2) if temporal else None
+    blocks, block_size = tree.block_patches.shape
+    patches = x.reshape(frames, patches_per_frame, channels).index_select(1, tree.block_patches.flatten())
+    patches = patches.to(compute_dtype).view(frames, blocks, block_size, heads, head_size).transpose(2, 3)
+    grams = patches @ patches.transpose(-1, -2)
+    return grams, patches[:-1] @ patches[1:].transpose(-1, -2) if temporal else None
 
 
 def _cosines(dots: torch.Tensor, inv_rows: torch.Tensor, inv_columns: torch.Tensor) -> torch.Tensor:

@@ -50,9 +50,7 @@ class Quadtree:
     Geometry:
         sizes: ``(h, w)`` of each used level, coarsest (the root level ``r``) first.
         offsets: first cell number of each used level; ``offsets[-1]`` is the finest.
-        level: ``[P]`` used-level index of each cell (0 = root level).
         box: ``[P, 4]`` ``(y0, x0, y1, x1)`` of each cell in finest-grid coordinates.
-        num_patches: ``[P]`` finest patches each cell covers.
         parent: ``[P]`` cell number of the parent, -1 for root-level cells.
         top_left: ``[P]`` flat finest index ``y0 * W + x0`` of each cell's top-left patch.
         cover: ``[L, H*W]`` cell of each used level that covers each finest patch.
@@ -76,9 +74,7 @@ class Quadtree:
 
     sizes: tuple[tuple[int, int], ...]
     offsets: tuple[int, ...]
-    level: torch.Tensor
     box: torch.Tensor
-    num_patches: torch.Tensor
     parent: torch.Tensor
     top_left: torch.Tensor
     cover: torch.Tensor
@@ -94,7 +90,7 @@ class Quadtree:
 
     @property
     def num_cells(self) -> int:
-        return int(self.level.shape[0])
+        return int(self.parent.shape[0])
 
     def level_slice(self, level: int) -> slice:
         """The cell numbers of one used level (negative counts from the finest)."""
@@ -155,9 +151,7 @@ def quadtree(height: int, width: int, root_level: int, device: torch.device) -> 
     return Quadtree(
         sizes=sizes,
         offsets=tuple(offsets),
-        level=level.to(device),
         box=box.to(device),
-        num_patches=num_patches.to(device),
         parent=parent.to(device),
         top_left=top_left.to(device),
         cover=cover.to(device),
