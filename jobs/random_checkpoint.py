@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-from pipeline.models.tiny_random import resolve_model
+from pipeline.models import resolve_model
 
 SIGLIP_SO400M_384 = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
                          num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,

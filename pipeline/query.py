@@ -21,12 +21,13 @@ How a prompt is built, for a stored token set of ``N`` merged tokens:
    followed by the one ``image_newline`` embedding the model appends to every video).
 3. The LLM runs on ``inputs_embeds`` with explicit ``position_ids`` (STTM_SPEC section 5):
 
-   - LLaVA-OneVision (1-D rotary): consecutive positions, as for any sequence;
-   - Qwen2-VL / Qwen2.5-VL (3-D multimodal rotary, ``[3, 1, L]``): each merged token takes
-     the position the model gives the top-left patch of its root in the full, unmerged
-     video, and the text after the video keeps its full-video positions. Both come from
-     the loaded model's own ``get_rope_index`` on the unmerged placeholder sequence, so
-     they follow whatever the installed transformers version computes.
+   - 1-D rotary models (LLaVA-OneVision): consecutive positions, as for any sequence;
+   - multimodal rotary models (Qwen2-VL, Qwen2.5-VL, ``[3, 1, L]``): each merged token
+     takes the position the model gives the top-left patch of its root in the full,
+     unmerged video, and the text after the video keeps its full-video positions.
+
+   What replaces the placeholder and at which positions is the model family's
+   ``PromptLayout`` (``pipeline.models``); this module never looks at the model type.
 
 Decoding is a plain loop over the model's forward (greedy, or sampling with a
 temperature) rather than ``generate``: ``generate`` derives positions itself, which is
@@ -48,17 +49,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, ProcessorMixin
 
-from pipeline.models import UnsupportedModelError, load_adapter, resolve_model
+from pipeline.models import IncompatibleTokenSetError, load_adapter, prompt_layout, resolve_model
 from pipeline.store import StoredTokenSet, StoreError, TokenStore
 
-# config.model_type -> how video tokens sit in the prompt
-CONSECUTIVE_POSITIONS = ("llava_onevision",)
-MULTIMODAL_ROPE_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
-
-
-class IncompatibleTokenSetError(ValueError):
-    """A stored token set was not made for the loaded model (hidden size, encoder
-    fingerprint or grid disagree)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,12 +123,8 @@ class QueryEngine:
         model_path = resolve_model(model_spec)
         self.model_spec = model_spec
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
-        self.model_type = self.model.config.model_type
-        if self.model_type not in CONSECUTIVE_POSITIONS + MULTIMODAL_ROPE_POSITIONS:
-            raise UnsupportedModelError(
-                f"{model_spec}: model_type {self.model_type!r} is not supported by the query stage; "
-                f"supported: {sorted(CONSECUTIVE_POSITIONS + MULTIMODAL_ROPE_POSITIONS)}"
-            )
+        # The model family's prompt layout (UnsupportedModelError for unknown families).
+        self.family = prompt_layout(self.model, model_spec)
         self.device = self.model.device
         self.dtype = self.model.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -203,28 +192,18 @@ class QueryEngine:
         ``question_ids`` (none: the prefix alone), these at the positions ``answer`` gives
         them. Returns the prefix, whose cache still holds the question, with ``prefill_s``
         counted from ``start``, and the last position's logits ``[vocab]``."""
-        features = stored.tokens.features.to(self.device, self.dtype)  # [N, C]
-        if self.model_type in CONSECUTIVE_POSITIONS:
-            # LlavaOnevisionModel.get_video_features appends one image_newline after the
-            # last frame's tokens; it stays after the merged tokens.
-            visual = torch.cat([features, self.model.model.image_newline[None]])
-            length = len(self._text_before_video) + len(visual)
-            position_ids = torch.arange(length, device=self.device)[None]  # [1, L]
-            text_position = length
-        else:
-            visual = features
-            position_ids, text_position = self._multimodal_rope_prefix_positions(stored)
-            length = position_ids.shape[-1]
-        embeds = torch.cat([self._embed(self._text_before_video), visual, self._embed(question_ids)])[None]  # [1, L + Q, C]
-        positions = torch.cat([position_ids, self._text_positions(text_position, len(question_ids))], dim=-1)
+        layout = self.family.prefix(stored, list(self._text_before_video))
+        embeds = torch.cat([layout.embeds, self._embed(question_ids)])[None]  # [1, L + Q, C]
+        positions = torch.cat([layout.position_ids, self._text_positions(layout.text_position, len(question_ids))], dim=-1)
         cache = DynamicCache(config=self.model.config)
-        logits = self._forward(embeds, positions, cache)
+        with self.family.running(layout):
+            logits = self._forward(embeds, positions, cache)
         prefix = VideoPrefix(
             video_id=stored.video_id,
             cache=cache,
-            length=length,
-            position_ids=position_ids,
-            text_position=text_position,
+            length=layout.length,
+            position_ids=layout.position_ids,
+            text_position=layout.text_position,
             text_before_video=self._text_before_video,
             num_visual_tokens=stored.num_tokens,
             prefill_s=self._now() - start,
@@ -234,8 +213,8 @@ class QueryEngine:
     def check(self, stored: StoredTokenSet) -> None:
         """Raise IncompatibleTokenSetError unless ``stored`` holds this model's visual
         tokens: same hidden size, same vision encoder (weights, config and preprocessing,
-        by the encode stage's fingerprint), merged at layer 0, and for multimodal rotary
-        models a ``model_extra`` video grid that matches the token grid."""
+        by the encode stage's fingerprint), merged at layer 0, and ``model_extra`` as the
+        model family needs it (e.g. a video grid that matches the token grid)."""
         channels = stored.tokens.features.shape[1]
         if channels != self.hidden_size:
             raise IncompatibleTokenSetError(
@@ -253,16 +232,8 @@ class QueryEngine:
                 f"video {stored.video_id!r}: stored tokens come from another vision encoder "
                 f"({stored.model_id}, {stored.encoder_fingerprint}) than {self.model_spec} ({fingerprint})"
             )
-        # model_extra comes from the encoder: its grid means something once the encoder is ours.
-        if self.model_type in MULTIMODAL_ROPE_POSITIONS:
-            t, h, w = stored.tokens.grid
-            merge = self.model.config.vision_config.spatial_merge_size
-            grid_thw = stored.model_extra.get("video_grid_thw")
-            if grid_thw != [t, h * merge, w * merge]:
-                raise IncompatibleTokenSetError(
-                    f"video {stored.video_id!r}: model_extra video_grid_thw {grid_thw} does not match the token grid "
-                    f"{[t, h, w]} with spatial merge {merge}"
-                )
+        # model_extra comes from the encoder: it means something once the encoder is ours.
+        self.family.check(stored)
 
     def _encoder_fingerprint(self, dtype: torch.dtype) -> str:
         """The encode stage's fingerprint of this model's vision side in ``dtype`` (the
@@ -271,35 +242,6 @@ class QueryEngine:
             adapter = load_adapter(self.model_spec, device="cpu", dtype=dtype)
             self._encoder_fingerprints[dtype] = adapter.fingerprint
         return self._encoder_fingerprints[dtype]
-
-    def _multimodal_rope_prefix_positions(self, stored: StoredTokenSet) -> tuple[torch.Tensor, int]:
-        """``([3, 1, L], text_position)``: Qwen2-VL positions of the prefix with merged tokens.
-
-        The model's own ``get_rope_index`` runs on the unmerged sequence (text before the
-        video, ``T*H*W`` video placeholders, one text token); each merged token takes the
-        position of its root's top-left patch, and the text after the video starts where
-        the unmerged sequence's text would. (``check`` made sure ``model_extra``'s grid is
-        the token grid.)
-        """
-        extra = stored.model_extra
-        t, h, w = stored.tokens.grid
-        text_before_video = list(self._text_before_video)
-        before = len(text_before_video)
-        # One text token after the video (which one does not matter) shows where text resumes.
-        input_ids = torch.tensor([text_before_video + [self.video_token_id] * (t * h * w) + text_before_video[:1]])
-        token_types = torch.zeros_like(input_ids, dtype=torch.int32)
-        token_types[0, before : before + t * h * w] = 2  # transformers' mm_token_type_ids: 2 = video
-        rope_inputs = dict(mm_token_type_ids=token_types, video_grid_thw=torch.tensor([extra["video_grid_thw"]]))
-        if self.model_type == "qwen2_5_vl":
-            rope_inputs["second_per_grid_ts"] = torch.tensor([extra["second_per_grid_t"]])
-        full_positions, _ = self.model.model.get_rope_index(input_ids, **rope_inputs)  # [3, 1, before + T*H*W + 1]
-
-        tokens = stored.tokens
-        root_patch = (tokens.frame.long() * h + tokens.box[:, 0].long()) * w + tokens.box[:, 1].long()  # [N]
-        keep = torch.cat([torch.arange(before), before + root_patch])
-        position_ids = full_positions[:, :, keep].to(self.device)
-        text_position = int(full_positions[0, 0, -1])
-        return position_ids, text_position
 
     # -- answers ---------------------------------------------------------------------------
 
@@ -429,15 +371,12 @@ class QueryEngine:
     def _text_positions(self, start: int, count: int) -> torch.Tensor:
         """Positions of ``count`` text tokens from ``start``: ``[1, count]`` or, for
         multimodal rotary, the same for all three axes ``[3, 1, count]``."""
-        positions = torch.arange(start, start + count, device=self.device)[None]
-        if self.model_type in MULTIMODAL_ROPE_POSITIONS:
-            return positions[None].expand(3, 1, count)
-        return positions
+        return self.family.text_positions(start, count)
 
     def _embed(self, token_ids: Sequence[int]) -> torch.Tensor:
         """``[len, C]`` input embeddings of text tokens (``[0, C]`` for none: the explicit
         dtype keeps an empty list from becoming a float tensor)."""
-        return self.model.get_input_embeddings()(torch.tensor(token_ids, dtype=torch.long, device=self.device))
+        return self.family.embed(token_ids)
 
     def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Run ``embeds [1, n, C]`` at ``position_ids`` on top of ``cache`` (which grows by

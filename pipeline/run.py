@@ -24,7 +24,7 @@ import ray
 from pipeline.config import CPUS_PER_GPU_WORKER, PreprocessConfig
 from pipeline.fingerprint import config_fingerprint
 from pipeline.inputs import VideoInput, list_inputs
-from pipeline.models.base import load_adapter
+from pipeline.models import load_adapter
 from pipeline.stages import (
     PIPELINE_VERSION,
     DecodeStage,

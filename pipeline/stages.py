@@ -24,7 +24,8 @@ import torch
 import sttm
 from pipeline.decode import DecodedVideo, SamplingPolicy, decode_video, fetch_video
 from pipeline.errors import VideoError
-from pipeline.models.base import load_adapter, resize_like_video_processor
+from pipeline.models import load_adapter
+from pipeline.models.base import resize_like_video_processor
 from pipeline.store import StoredTokenSet, TokenStore, token_set_key
 from pipeline.uris import redact_urls, sanitize_uri
 

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 import sttm
 from pipeline.decode import UniformSampling, decode_video, fetch_video
 from pipeline.errors import VideoError
-from pipeline.models.base import load_adapter
+from pipeline.models import load_adapter
 from pipeline.store import StoredTokenSet, TokenStore
 from pipeline.uris import sanitize_uri
 from sttm.token_set import TokenSet

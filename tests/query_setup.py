@@ -9,11 +9,11 @@ import torch
 import sttm
 from pipeline.decode import DecodedVideo, QwenSampling, UniformSampling, decode_video
 from pipeline.fingerprint import config_fingerprint
-from pipeline.models import VideoAdapter
+from pipeline.models import TINY_RANDOM_NAMES, VideoAdapter
 from pipeline.samples import SAMPLE_DIR
 from pipeline.store import StoredTokenSet
 
-FAMILIES = ["llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+FAMILIES = list(TINY_RANDOM_NAMES)  # every family's tiny-random models, from the registry
 VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
 
 # Few, small frames keep prompts short: LLaVA-OneVision 2 frames x 14 x 14 tokens; Qwen 4

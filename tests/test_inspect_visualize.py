@@ -31,7 +31,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.decode import UniformSampling, decode_video
 from pipeline.fingerprint import config_fingerprint
 from pipeline.inspect_store import summarize_store
-from pipeline.models.base import VideoAdapter, load_adapter
+from pipeline.models import VideoAdapter, load_adapter
 from pipeline.run import run_preprocess
 from pipeline.samples import SAMPLE_DIR
 from pipeline.store import SchemaVersionError, StoredTokenSet, TokenStore

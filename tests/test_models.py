@@ -20,11 +20,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from pipeline.decode import DecodedVideo, QwenSampling, UniformSampling, decode_video
-from pipeline.models import UnsupportedModelError, load_adapter, resolve_model
+from pipeline.models import TINY_RANDOM_NAMES, UnsupportedModelError, load_adapter, resolve_model
 from pipeline.models.tiny_random import TINY_RANDOM_VERSION
 from pipeline.samples import SAMPLE_DIR
 
-FAMILIES = ["llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+FAMILIES = list(TINY_RANDOM_NAMES)  # every family's tiny-random models, from the registry
 QWEN_FAMILIES = ["qwen2-vl", "qwen2.5-vl"]
 
 

@@ -73,7 +73,7 @@ def reference_inputs(engine: QueryEngine, adapter, video, question: str) -> dict
     pixels = adapter.preprocess(video)
     tokenizer = engine.tokenizer
     placeholder = tokenizer.convert_ids_to_tokens(engine.video_token_id)
-    if engine.model_type == "llava_onevision":
+    if engine.model.config.model_type == "llava_onevision":
         num_frames = pixels["pixel_values_videos"].shape[1]
         num_video_tokens = num_frames * 14 * 14 + 1  # pooled 14x14 grid per frame, one newline
     else:
@@ -82,9 +82,9 @@ def reference_inputs(engine: QueryEngine, adapter, video, question: str) -> dict
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     input_ids = tokenizer(text.replace(placeholder, placeholder * num_video_tokens), return_tensors="pt")["input_ids"]
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
-    if engine.model_type != "llava_onevision":
+    if engine.model.config.model_type != "llava_onevision":
         inputs["mm_token_type_ids"] = (input_ids == engine.video_token_id).int() * 2
-    if engine.model_type == "qwen2_5_vl":
+    if engine.model.config.model_type == "qwen2_5_vl":
         encoded = adapter.encode(video)
         inputs["second_per_grid_ts"] = torch.tensor([encoded.model_extra["second_per_grid_t"]])
     return inputs
@@ -341,7 +341,7 @@ def spec_positions(engine: QueryEngine, stored, num_text_before: int, num_text_a
     the video from ``s + max(T, H, W)``, where the full video's text would be.
     """
     tokens = stored.tokens
-    if engine.model_type == "llava_onevision":
+    if engine.model.config.model_type == "llava_onevision":
         return torch.arange(num_text_before + tokens.num_tokens + 1 + num_text_after)[None]
     s = num_text_before
     before = torch.arange(s).expand(3, -1)

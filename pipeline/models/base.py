@@ -1,4 +1,14 @@
-"""The encode stage's one interface: an adapter per model family, picked by ``load_adapter``.
+"""What every model family implements, and the helpers they share.
+
+A family is one module under ``pipeline/models/`` (``llava_onevision``, ``qwen2_vl``...)
+that owns everything about its models; ``pipeline.models.registry`` maps a checkpoint's
+``model_type`` to it. A family module defines:
+
+- a ``VideoAdapter`` (the encode stage's side, below);
+- a ``PromptLayout`` (the query stage's side, below): where a stored token set goes in
+  the model's prompt, at which positions, and how the model runs over it;
+- ``MODEL_TYPES`` (the ``config.model_type`` values it loads), ``ADAPTER``, ``LAYOUT``,
+  and ``TINY_RANDOM``: ``{name: builder}`` of its ``tiny-random:<name>`` models.
 
 An adapter turns a ``DecodedVideo`` into the visual tokens ``[T', H', W', C]`` that the
 model's LLM would receive for that video (after the vision tower, projector and pooling
@@ -14,6 +24,7 @@ bit for bit (``jobs/check_processor_parity.py`` compares the two where torchvisi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from abc import ABC, abstractmethod
@@ -23,14 +34,12 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import cached_file
 from transformers.video_processing_utils import BaseVideoProcessor
 
 from pipeline.decode import DecodedVideo, SamplingPolicy
 from pipeline.fingerprint import canonical_json
-from pipeline.models.tiny_random import resolve_model
 
 # transformers' value for bicubic (PILImageResampling.BICUBIC), the only resampling the
 # supported video processors use.
@@ -53,6 +62,11 @@ CLIP_PIXEL_DEFAULTS = dict(
 class UnsupportedModelError(ValueError):
     """The checkpoint is of an architecture, or asks for preprocessing, that no adapter
     implements."""
+
+
+class IncompatibleTokenSetError(ValueError):
+    """A stored token set was not made for the loaded model (hidden size, encoder
+    fingerprint or grid disagree)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,10 +116,13 @@ class VideoAdapter(ABC):
     # resize becomes a no-op.
     input_frame_size: tuple[int, int] | None = None
 
-    def _load(self, model_id: str, stage_class, processor_defaults: dict[str, Any], device, dtype) -> None:
+    def __init__(self, model_id: str, model_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        """Load the vision side of ``model_id``, found at ``model_path`` (``registry.load_adapter``
+        resolves one to the other)."""
+
+    def _load(self, model_id: str, model_path: str, stage_class, processor_defaults: dict[str, Any], device, dtype) -> None:
         """Load ``stage_class`` (a ``PreTrainedModel`` holding only the vision side) and the
-        video-processor settings from ``model_id``, and set the attributes above."""
-        model_path = resolve_model(model_id)
+        video-processor settings from ``model_path``, and set the attributes above."""
         self.stage = stage_class.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
         self.settings = video_processor_settings(model_path, processor_defaults)
         self.model_id = model_id
@@ -128,23 +145,71 @@ class VideoAdapter(ABC):
         """The visual tokens the model's LLM would receive for this video."""
 
 
-def load_adapter(model_spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> VideoAdapter:
-    """The adapter for ``model_spec`` (a checkpoint directory, a hub id or
-    ``tiny-random:<family>``), chosen by the checkpoint config's ``model_type``.
+@dataclass(frozen=True, eq=False)
+class PrefixLayout:
+    """A stored token set placed in the model's prompt: everything before the question.
 
-    ``dtype=None`` keeps the checkpoint's dtype.
+    Attributes:
+        embeds: ``[L, C]`` input embeddings (text before the video, then the video part).
+        position_ids: ``[1, L]`` (1-D rotary) or ``[3, 1, L]`` (multimodal rotary:
+            temporal, height, width) positions of those rows.
+        text_position: position of the first token after the prefix.
+        visual_mask: ``[L]`` bool, the rows holding merged video tokens (in stored order),
+            or ``None`` when nothing is added to them inside the LLM.
+        deepstack: per DeepStack level, ``[N, C]`` features added to the hidden states of
+            the ``visual_mask`` rows after that decoder layer (Qwen3-VL); empty otherwise.
     """
-    # Imported here: the adapter modules import this one.
-    from pipeline.models.llava_onevision import LlavaOnevisionAdapter
-    from pipeline.models.qwen2_vl import Qwen2VLAdapter
 
-    adapters = {model_type: cls for cls in (LlavaOnevisionAdapter, Qwen2VLAdapter) for model_type in cls.model_types}
-    model_type = AutoConfig.from_pretrained(resolve_model(model_spec)).model_type
-    if model_type not in adapters:
-        raise UnsupportedModelError(
-            f"{model_spec}: model_type {model_type!r} has no adapter; supported: {sorted(adapters)}"
-        )
-    return adapters[model_type](model_spec, device=device, dtype=dtype)
+    embeds: torch.Tensor
+    position_ids: torch.Tensor
+    text_position: int
+    visual_mask: torch.Tensor | None = None
+    deepstack: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+
+class PromptLayout(ABC):
+    """One model family's query side, bound to the loaded full model
+    (``AutoModelForImageTextToText``): where a stored token set goes in the prompt, at
+    which positions, and what the LLM needs beyond embeddings and positions.
+
+    The query stage renders the chat template itself, with one video placeholder; the
+    layout decides what replaces the placeholder.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    def check(self, stored) -> None:
+        """Raise IncompatibleTokenSetError when ``stored.model_extra`` does not describe
+        ``stored.tokens`` the way this family needs (the caller checked channels and
+        encoder fingerprint already)."""
+
+    @abstractmethod
+    def prefix(self, stored, text_before_video: list[int]) -> PrefixLayout:
+        """The prompt prefix of ``stored`` (a ``StoredTokenSet``) after the chat template's
+        ``text_before_video`` token ids."""
+
+    @abstractmethod
+    def text_positions(self, start: int, count: int) -> torch.Tensor:
+        """Positions of ``count`` text tokens from ``start``, shaped as ``prefix``'s
+        ``position_ids`` (``[1, count]`` or ``[3, 1, count]``), on the model's device."""
+
+    def running(self, prefix: PrefixLayout):
+        """A context manager around the forward that runs ``prefix`` (possibly followed by
+        question tokens): families whose LLM adds per-token visual features inside its
+        layers install them here. Default: nothing to add."""
+        return contextlib.nullcontext()
+
+    def embed(self, token_ids) -> torch.Tensor:
+        """``[len, C]`` input embeddings of text tokens (``[0, C]`` for none: the explicit
+        dtype keeps an empty list from becoming a float tensor)."""
+        embeddings = self.model.get_input_embeddings()
+        return embeddings(torch.tensor(list(token_ids), dtype=torch.long, device=embeddings.weight.device))
 
 
 def video_processor_settings(model_path: str, defaults: dict[str, Any]) -> dict[str, Any]:

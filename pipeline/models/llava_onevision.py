@@ -16,6 +16,9 @@ After STTM, the query stage puts the N merged tokens (in ``TokenSet`` order) whe
 ``T * 196`` tokens were and keeps the one newline after them: ``N + 1`` video tokens.
 Positions are 1-D, consecutive, as for any other token (STTM_SPEC section 5).
 
+Everything else about the family lives here too: ``LlavaOnevisionLayout`` (the query
+stage's prompt), and the ``tiny-random:llava-onevision`` builder.
+
 ``model_extra``: ``grid_thw`` ``[T, 14, 14]``, ``frame_size`` ``[384, 384]``,
 ``video_token_id``, ``newline`` (``"after_video"``), ``num_newline_tokens`` (1).
 """
@@ -23,11 +26,12 @@ Positions are 1-D, consecutive, as for any other token (STTM_SPEC section 5).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionMultiModalProjector,
     LlavaOnevisionPreTrainedModel,
@@ -37,11 +41,16 @@ from pipeline.decode import DecodedVideo, UniformSampling
 from pipeline.models.base import (
     CLIP_PIXEL_DEFAULTS,
     EncodedVideo,
+    PrefixLayout,
+    PromptLayout,
     UnsupportedModelError,
     VideoAdapter,
     normalize_frames,
     resize_like_video_processor,
 )
+from pipeline.models.tiny_random import PIXEL_SETTINGS, SEED, TEXT_SIZES, VOCAB_SIZE, save, train_tokenizer
+
+MODEL_TYPES = ("llava_onevision",)
 
 # LlavaOnevisionVideoProcessor's class defaults, for settings a checkpoint leaves out.
 VIDEO_PROCESSOR_DEFAULTS = dict(
@@ -68,10 +77,9 @@ class LlavaOnevisionVisionStage(LlavaOnevisionPreTrainedModel):
 
 class LlavaOnevisionAdapter(VideoAdapter):
     family = "llava-onevision"
-    model_types = ("llava_onevision",)
 
-    def __init__(self, model_id: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        self._load(model_id, LlavaOnevisionVisionStage, VIDEO_PROCESSOR_DEFAULTS, device, dtype)
+    def __init__(self, model_id: str, model_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self._load(model_id, model_path, LlavaOnevisionVisionStage, VIDEO_PROCESSOR_DEFAULTS, device, dtype)
         if set(self.settings["size"]) != {"height", "width"}:
             raise UnsupportedModelError(
                 f"{model_id}: expected a fixed video frame size, got size={self.settings['size']}"
@@ -130,3 +138,96 @@ class LlavaOnevisionAdapter(VideoAdapter):
                 "num_newline_tokens": 1,
             },
         )
+
+
+class LlavaOnevisionLayout(PromptLayout):
+    """The prompt around ``N`` merged tokens: they replace the ``T * 196`` video tokens,
+    followed by the one ``image_newline`` embedding (``LlavaOnevisionModel.get_video_features``
+    appends it after the last frame), at consecutive 1-D positions."""
+
+    def prefix(self, stored, text_before_video: list[int]) -> PrefixLayout:
+        features = stored.tokens.features.to(self.model.device, self.model.dtype)  # [N, C]
+        embeds = torch.cat([self.embed(text_before_video), features, self.model.model.image_newline[None]])
+        length = embeds.shape[0]
+        return PrefixLayout(embeds, torch.arange(length, device=self.model.device)[None], text_position=length)
+
+    def text_positions(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count, device=self.model.device)[None]
+
+
+# --- tiny-random:llava-onevision ----------------------------------------------------------
+
+# The chat template llava-hf's conversion script gives the hub checkpoints.
+_LLAVA_ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _build_llava_onevision(directory: Path) -> None:
+    """LlavaOnevisionForConditionalGeneration: SigLIP vision tower (384 px, patch 14 -> 27x27
+    patches), 2-layer MLP projector, 2x2 bilinear pooling to 14x14, Qwen2 LLM."""
+    tokenizer = train_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        _LLAVA_ONEVISION_CHAT_TEMPLATE,
+        image_token="<image>",
+        video_token="<video>",
+    )
+    special_ids = dict(
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaOnevisionConfig(
+        text_config=dict(model_type="qwen2", vocab_size=VOCAB_SIZE, **TEXT_SIZES, **special_ids),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=384,
+            patch_size=14,
+            vision_use_head=False,  # as in the hub checkpoints: LLaVA reads hidden states
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+    )
+    torch.manual_seed(SEED)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    processor_class = {"processor_class": "LlavaOnevisionProcessor"}
+    pixels = dict(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, **PIXEL_SETTINGS)
+    save(
+        model,
+        tokenizer,
+        directory,
+        processor_config=dict(
+            **processor_class,
+            num_image_tokens=729,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        ),
+        preprocessor_config=dict(
+            image_processor_type="LlavaOnevisionImageProcessor",
+            image_grid_pinpoints=config.image_grid_pinpoints,
+            do_pad=True,
+            **processor_class,
+            **pixels,
+        ),
+        video_preprocessor_config=dict(
+            video_processor_type="LlavaOnevisionVideoProcessor", **processor_class, **pixels
+        ),
+    )
+
+
+ADAPTER = LlavaOnevisionAdapter
+LAYOUT = LlavaOnevisionLayout
+TINY_RANDOM = {"llava-onevision": _build_llava_onevision}

@@ -24,6 +24,10 @@ token takes the position of the top-left patch of its root (its ``box[:2]`` at i
 ``frame``), and the text after the video keeps the positions of the unmerged sequence
 (STTM_SPEC section 5).
 
+Everything else about the family lives here too: ``QwenVLLayout`` (the query stage's
+prompt and positions), and the ``tiny-random:qwen2-vl`` / ``tiny-random:qwen2.5-vl``
+builders.
+
 ``model_extra``: ``video_grid_thw``, ``spatial_merge_size``, ``temporal_patch_size``,
 ``second_per_grid_t``, ``tokens_per_second`` (Qwen2.5-VL; ``None`` for Qwen2-VL),
 ``frame_size`` ``[H, W]`` fed to the tower, ``num_padded_frames``, and the ids of
@@ -32,8 +36,17 @@ token takes the position of the top-left patch of its root (its ``box[:2]`` at i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import AutoConfig
+from transformers import (
+    AutoConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLPreTrainedModel,
@@ -44,8 +57,25 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 )
 
 from pipeline.decode import DecodedVideo, QwenSampling, smart_resize
-from pipeline.models.base import CLIP_PIXEL_DEFAULTS, EncodedVideo, VideoAdapter, normalize_frames, resize_like_video_processor
-from pipeline.models.tiny_random import resolve_model
+from pipeline.models.base import (
+    CLIP_PIXEL_DEFAULTS,
+    EncodedVideo,
+    IncompatibleTokenSetError,
+    PrefixLayout,
+    PromptLayout,
+    VideoAdapter,
+    normalize_frames,
+    resize_like_video_processor,
+)
+from pipeline.models.tiny_random import (
+    PIXEL_SETTINGS,
+    QWEN_SPECIAL_TOKENS,
+    SEED,
+    TEXT_SIZES,
+    VOCAB_SIZE,
+    save,
+    train_tokenizer,
+)
 
 # Qwen2VLVideoProcessor's class defaults, for settings a checkpoint leaves out.
 VIDEO_PROCESSOR_DEFAULTS = dict(
@@ -85,12 +115,13 @@ _VISION_STAGES = {
 }
 
 
-class Qwen2VLAdapter(VideoAdapter):
-    model_types = tuple(_VISION_STAGES)
+MODEL_TYPES = tuple(_VISION_STAGES)
 
-    def __init__(self, model_id: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-        self.family, stage_class = _VISION_STAGES[AutoConfig.from_pretrained(resolve_model(model_id)).model_type]
-        self._load(model_id, stage_class, VIDEO_PROCESSOR_DEFAULTS, device, dtype)
+
+class Qwen2VLAdapter(VideoAdapter):
+    def __init__(self, model_id: str, model_path: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+        self.family, stage_class = _VISION_STAGES[AutoConfig.from_pretrained(model_path).model_type]
+        self._load(model_id, model_path, stage_class, VIDEO_PROCESSOR_DEFAULTS, device, dtype)
 
     def default_sampling(self) -> QwenSampling:
         """qwen-vl-utils' recipe: 2 fps, 4 to 768 frames, per-video pixel budget."""
@@ -158,3 +189,163 @@ class Qwen2VLAdapter(VideoAdapter):
                 "vision_end_token_id": config.vision_end_token_id,
             },
         )
+
+
+class QwenVLLayout(PromptLayout):
+    """The prompt around ``N`` merged tokens: they replace the video's ``t * h * w``
+    ``<|video_pad|>`` tokens (between ``<|vision_start|>`` and ``<|vision_end|>``, which the
+    chat template writes around the placeholder), at 3-D multimodal positions
+    (``[3, 1, L]``): each merged token takes the position the model's own
+    ``get_rope_index`` gives the top-left patch of its root in the full, unmerged video,
+    and the text after the video keeps its full-video positions, so they follow whatever
+    the installed transformers version computes (STTM_SPEC section 5)."""
+
+    def check(self, stored) -> None:
+        t, h, w = stored.tokens.grid
+        merge = self.config.vision_config.spatial_merge_size
+        grid_thw = stored.model_extra.get("video_grid_thw")
+        if grid_thw != [t, h * merge, w * merge]:
+            raise IncompatibleTokenSetError(
+                f"video {stored.video_id!r}: model_extra video_grid_thw {grid_thw} does not match the token grid "
+                f"{[t, h, w]} with spatial merge {merge}"
+            )
+
+    def prefix(self, stored, text_before_video: list[int]) -> PrefixLayout:
+        """The model's own ``get_rope_index`` runs on the unmerged sequence (text before the
+        video, ``T*H*W`` video placeholders, one text token); each merged token takes the
+        position of its root's top-left patch, and the text after the video starts where the
+        unmerged sequence's text would."""
+        extra = stored.model_extra
+        t, h, w = stored.tokens.grid
+        before = len(text_before_video)
+        # One text token after the video (which one does not matter) shows where text resumes.
+        input_ids = torch.tensor([list(text_before_video) + [self.config.video_token_id] * (t * h * w) + [0]])
+        token_types = torch.zeros_like(input_ids, dtype=torch.int32)
+        token_types[0, before : before + t * h * w] = 2  # transformers' mm_token_type_ids: 2 = video
+        rope_inputs = dict(mm_token_type_ids=token_types, video_grid_thw=torch.tensor([extra["video_grid_thw"]]))
+        if self.config.model_type == "qwen2_5_vl":  # absolute-time temporal positions
+            rope_inputs["second_per_grid_ts"] = torch.tensor([extra["second_per_grid_t"]])
+        full_positions, _ = self.model.model.get_rope_index(input_ids, **rope_inputs)  # [3, 1, before + T*H*W + 1]
+
+        tokens = stored.tokens
+        root_patch = (tokens.frame.long() * h + tokens.box[:, 0].long()) * w + tokens.box[:, 1].long()  # [N]
+        keep = torch.cat([torch.arange(before), before + root_patch])
+        features = tokens.features.to(self.model.device, self.model.dtype)
+        return PrefixLayout(
+            embeds=torch.cat([self.embed(text_before_video), features]),
+            position_ids=full_positions[:, :, keep].to(self.model.device),
+            text_position=int(full_positions[0, 0, -1]),
+        )
+
+    def text_positions(self, start: int, count: int) -> torch.Tensor:
+        return torch.arange(start, start + count, device=self.model.device)[None, None].expand(3, 1, count)
+
+
+# --- tiny-random:qwen2-vl, tiny-random:qwen2.5-vl -------------------------------------------
+
+# The chat template of the Qwen2-VL / Qwen2.5-VL Instruct checkpoints.
+_QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _build_qwen(config_class, model_class, processor_class: str, vision_config: dict, directory: Path) -> None:
+    """A Qwen2-VL-style model: the processor settings live in ``preprocessor_config.json``
+    alone, as on the hub, and the video processor reads them from there."""
+    tokenizer = train_tokenizer(
+        QWEN_SPECIAL_TOKENS,
+        _QWEN_CHAT_TEMPLATE,
+        image_token="<|image_pad|>",
+        video_token="<|video_pad|>",
+        vision_start_token="<|vision_start|>",
+        vision_end_token="<|vision_end|>",
+    )
+    head_dim = TEXT_SIZES["hidden_size"] // TEXT_SIZES["num_attention_heads"]
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+    }
+    config = config_class(
+        text_config=dict(
+            vocab_size=VOCAB_SIZE,
+            rope_parameters=rope,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TEXT_SIZES,
+        ),
+        vision_config=dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, **vision_config),
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video_pad|>"),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    torch.manual_seed(SEED)
+    model = model_class(config)
+    save(
+        model,
+        tokenizer,
+        directory,
+        preprocessor_config=dict(
+            image_processor_type="Qwen2VLImageProcessor",
+            processor_class=processor_class,
+            min_pixels=56 * 56,
+            max_pixels=28 * 28 * 16384,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+            image_mean=list(OPENAI_CLIP_MEAN),
+            image_std=list(OPENAI_CLIP_STD),
+            **PIXEL_SETTINGS,
+        ),
+    )
+
+
+def _build_qwen2_vl(directory: Path) -> None:
+    """Qwen2VLForConditionalGeneration: ViT with 2-D rotary positions, 2x2 patch merger."""
+    _build_qwen(
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        "Qwen2VLProcessor",
+        dict(depth=2, embed_dim=32, hidden_size=TEXT_SIZES["hidden_size"], num_heads=2, mlp_ratio=2),
+        directory,
+    )
+
+
+def _build_qwen2_5_vl(directory: Path) -> None:
+    """Qwen2_5_VLForConditionalGeneration: window-attention ViT (one full-attention block),
+    2x2 patch merger, absolute-time temporal positions."""
+    _build_qwen(
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        "Qwen2_5_VLProcessor",
+        dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=TEXT_SIZES["hidden_size"],
+            window_size=112,
+            fullatt_block_indexes=[1],
+            tokens_per_second=2,
+        ),
+        directory,
+    )
+
+
+ADAPTER = Qwen2VLAdapter
+LAYOUT = QwenVLLayout
+TINY_RANDOM = {"qwen2-vl": _build_qwen2_vl, "qwen2.5-vl": _build_qwen2_5_vl}
