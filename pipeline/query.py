@@ -123,11 +123,11 @@ class QueryEngine:
         model_path = resolve_model(model_spec)
         self.model_spec = model_spec
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
-        # The model family's prompt layout (UnsupportedModelError for unknown families).
-        self.family = prompt_layout(self.model, model_spec)
         self.device = self.model.device
         self.dtype = self.model.dtype
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # The model family's prompt layout (UnsupportedModelError for unknown families).
+        self.family = prompt_layout(self.model, self.tokenizer, model_spec)
         self.chat_template = _chat_template(model_path, self.tokenizer)
         self.video_token_id = self.model.config.video_token_id
         self.hidden_size = self.model.config.get_text_config().hidden_size

@@ -25,7 +25,7 @@ import sttm
 from pipeline.decode import DecodedVideo, SamplingPolicy, decode_video, fetch_video
 from pipeline.errors import VideoError
 from pipeline.models import load_adapter
-from pipeline.models.base import resize_like_video_processor
+from pipeline.models.base import merge_beside, resize_like_video_processor
 from pipeline.store import StoredTokenSet, TokenStore, token_set_key
 from pipeline.uris import redact_urls, sanitize_uri
 
@@ -175,14 +175,16 @@ class TokenizeStage:
         try:
             encoded = self.adapter.encode(video)
             stage = "merge"
-            tokens = self.merge(encoded.tokens).to("cpu")
+            tokens = self.merge(encoded.tokens)
+            deepstack = None if encoded.deepstack is None else merge_beside(encoded.tokens, encoded.deepstack, tokens).cpu()
+            tokens = tokens.to("cpu")
             stage = "store"
             record = StoredTokenSet(
                 video_id=video_id, source_uri=uri, content_hash=video.content_hash, model_id=self.model,
                 model_revision=None, encoder_fingerprint=self.adapter.fingerprint,
                 config_fingerprint=self.config_fingerprint, sampling=self.sampling,
                 frame_indices=video.frame_indices, timestamps=video.timestamps, model_extra=encoded.model_extra,
-                tokens=tokens, pipeline_version=PIPELINE_VERSION, run_id=self.run_id)
+                tokens=tokens, pipeline_version=PIPELINE_VERSION, run_id=self.run_id, deepstack=deepstack)
             key = self.store.write(record)
         except Exception as error:  # one bad video must not stop the job
             logger.exception("video %s failed at %s", video_id, stage)

@@ -82,7 +82,9 @@ if sys.byteorder != "little":
 logger = logging.getLogger(__name__)
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TENSOR_COLUMNS = ("features", "frame", "box", "num_patches", "assignment")
+_TENSOR_COLUMNS = ("features", "frame", "box", "num_patches", "assignment", "deepstack")
+# Optional columns a 2.0 object lacks.
+_COLUMNS_SINCE_2_1 = ("deepstack_levels", "deepstack")
 MANIFEST_STATUSES = ("stored", "skipped", "failed")
 FAILURE_STAGES = ("decode", "encode", "merge", "store")
 
@@ -166,6 +168,9 @@ class StoredTokenSet:
     created_at: datetime = field(default_factory=_utc_now)
     merge_layer: int = 0
     payload_checksum: str | None = None
+    # [L, N, C] the model's DeepStack levels merged like tokens.features (Qwen3-VL), in
+    # the features' dtype; None for models without them.
+    deepstack: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -803,23 +808,26 @@ def _merged_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # large_binary value, so they are read back straight out of their column chunk.
 
 
-def payload_checksum(tokens: TokenSet) -> str:
+def payload_checksum(tokens: TokenSet, deepstack: torch.Tensor | None = None) -> str:
     """The payload checksum every write stores, ``"sha256-pieces:<hex>"``."""
     features = _raw_bytes(tokens.features)
     pieces = (features[offset : offset + _PIECE_BYTES] for offset in range(0, features.nbytes, _PIECE_BYTES))
-    return _pieces_checksum(tokens, list(_pool().map(_sha256_digest, pieces)))
+    return _pieces_checksum(tokens, list(_pool().map(_sha256_digest, pieces)), deepstack)
 
 
-def _pieces_checksum(tokens: TokenSet, piece_digests: list[bytes]) -> str:
+def _pieces_checksum(tokens: TokenSet, piece_digests: list[bytes], deepstack: torch.Tensor | None = None) -> str:
     """``"sha256-pieces:<hex>"`` (schema 2.x): SHA-256 of the header line, the SHA-256
     digest of each ``_PIECE_BYTES`` piece of the features, then the raw bytes of frame,
-    box, num_patches and assignment (schemas/README.md). The pieces are hashed in
-    parallel, on write and as they are read."""
+    box, num_patches and assignment, then (2.1, when stored) the SHA-256 digest of the
+    DeepStack bytes (schemas/README.md). The pieces are hashed in parallel, on write and
+    as they are read."""
     digest = hashlib.sha256(_checksum_header(tokens))
     for piece_digest in piece_digests:
         digest.update(piece_digest)
     for tensor in (tokens.frame, tokens.box, tokens.num_patches, tokens.assignment):
         digest.update(_raw_bytes(tensor))
+    if deepstack is not None:
+        digest.update(_sha256_digest(_raw_bytes(deepstack)))
     return f"{_PIECES_CHECKSUM}:{digest.hexdigest()}"
 
 
@@ -852,6 +860,9 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
         )
     tokens = _checked_cpu_tokens(record.tokens)
     n, c = tokens.features.shape
+    deepstack = None if record.deepstack is None else record.deepstack.to("cpu").contiguous()
+    if deepstack is not None and (deepstack.dim() != 3 or deepstack.shape[1:] != (n, c) or deepstack.dtype != tokens.features.dtype):
+        raise ValueError(f"deepstack must be [L, {n}, {c}] {tokens.features.dtype}, got {list(deepstack.shape)} {deepstack.dtype}")
     row = {
         "video_id": record.video_id,
         "source_uri": sanitize_uri(record.source_uri),
@@ -882,7 +893,9 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
         "box": _one_list_value(pa.FixedSizeListArray.from_arrays(pa.array(tokens.box.numpy().reshape(-1)), 4)),
         "num_patches": _one_list_value(pa.array(tokens.num_patches.numpy())),
         "assignment": _one_list_value(pa.array(tokens.assignment.numpy().reshape(-1))),
-        "payload_checksum": payload_checksum(tokens),
+        "deepstack_levels": None if deepstack is None else deepstack.shape[0],
+        "deepstack": None if deepstack is None else _one_binary_value(_raw_bytes(deepstack)),
+        "payload_checksum": payload_checksum(tokens, deepstack),
         "pipeline_version": record.pipeline_version,
         "run_id": record.run_id,
         "created_at": _check_aware(record.created_at),
@@ -902,17 +915,20 @@ def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> Store
         metadata = source.footer()
         _check_schema(TOKEN_SET, metadata.metadata, display)
         present = set(metadata.schema.to_arrow_schema().names)
-        missing = [name for name in TOKEN_SET.field_names if name not in present]
+        missing = [name for name in TOKEN_SET.field_names if name not in present and name not in _COLUMNS_SINCE_2_1]
         if missing:
             raise CorruptObjectError(f"{display} lacks {TOKEN_SET.name} columns {missing}")
         if metadata.num_rows != 1 or metadata.num_row_groups != 1:
             raise CorruptObjectError(f"{display} has {metadata.num_rows} rows, a token set has 1")
-        table = source.read_columns(metadata, [name for name in TOKEN_SET.field_names if name != "features"])
+        table = source.read_columns(
+            metadata, [name for name in TOKEN_SET.field_names if name != "features" and name in present]
+        )
     except (pa.ArrowException, OSError, ValueError) as error:
         raise CorruptObjectError(f"{display} is not a readable Parquet file ({error})") from None
     # Small fields become Python values; the tensors come from the column buffers, since
     # an Arrow scalar of a long list would copy it.
-    row = {name: table.column(name)[0].as_py() for name in TOKEN_SET.field_names if name not in _TENSOR_COLUMNS}
+    row = {name: table.column(name)[0].as_py() for name in table.column_names if name not in _TENSOR_COLUMNS}
+    row.setdefault("deepstack_levels", None)  # objects of 2.0 and older
     n, c = row["num_tokens"], row["channels"]
     t, h, w = row["grid"]
     if row["features_dtype"] not in FEATURE_DTYPES:
@@ -942,8 +958,14 @@ def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> Store
     )
     if not (tokens.frame.shape == tokens.num_patches.shape == (n,) and tokens.box.shape == (n, 4)):
         raise CorruptObjectError(f"{display}: per-token columns do not have {n} entries")
+    deepstack = None
+    if (levels := row["deepstack_levels"]) is not None:
+        value = _only_chunk(table, "deepstack")[0].as_buffer()
+        if value is None or value.size != levels * n * c * dtype.itemsize:
+            raise CorruptObjectError(f"{display}: deepstack does not hold {levels} levels of {n}x{c} features")
+        deepstack = torch.frombuffer(bytearray(value), dtype=torch.uint8).view(dtype).view(levels, n, c)
     if checksum_kind == _PIECES_CHECKSUM:
-        actual = _pieces_checksum(tokens, piece_digests)
+        actual = _pieces_checksum(tokens, piece_digests, deepstack)
     else:
         actual = _stream_checksum(tokens)
     if actual != checksum:
@@ -966,6 +988,7 @@ def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> Store
         created_at=row["created_at"],
         merge_layer=row["merge_layer"],
         payload_checksum=checksum,
+        deepstack=deepstack,
     )
 
 

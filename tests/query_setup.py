@@ -10,6 +10,7 @@ import sttm
 from pipeline.decode import DecodedVideo, QwenSampling, UniformSampling, decode_video
 from pipeline.fingerprint import config_fingerprint
 from pipeline.models import TINY_RANDOM_NAMES, VideoAdapter
+from pipeline.models.base import merge_beside
 from pipeline.samples import SAMPLE_DIR
 from pipeline.store import StoredTokenSet
 
@@ -63,6 +64,7 @@ def stored_token_set(
         tokens=tokens,
         pipeline_version="test",
         run_id="test-run",
+        deepstack=None if encoded.deepstack is None else merge_beside(encoded.tokens, encoded.deepstack, tokens),
     )
 
 

@@ -73,14 +73,17 @@ def reference_inputs(engine: QueryEngine, adapter, video, question: str) -> dict
     pixels = adapter.preprocess(video)
     tokenizer = engine.tokenizer
     placeholder = tokenizer.convert_ids_to_tokens(engine.video_token_id)
-    if engine.model.config.model_type == "llava_onevision":
+    model_type = engine.model.config.model_type
+    if model_type == "llava_onevision":
         num_frames = pixels["pixel_values_videos"].shape[1]
-        num_video_tokens = num_frames * 14 * 14 + 1  # pooled 14x14 grid per frame, one newline
+        replacement = placeholder * (num_frames * 14 * 14 + 1)  # pooled 14x14 grid per frame, one newline
+    elif model_type == "qwen3_vl":
+        replacement = qwen3_vl_video_text(engine, adapter, video, pixels["video_grid_thw"])
     else:
-        num_video_tokens = int(pixels["video_grid_thw"].prod()) // 4  # 2x2 patch merger
+        replacement = placeholder * (int(pixels["video_grid_thw"].prod()) // 4)  # 2x2 patch merger
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
     text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    input_ids = tokenizer(text.replace(placeholder, placeholder * num_video_tokens), return_tensors="pt")["input_ids"]
+    input_ids = tokenizer(text.replace(placeholder, replacement), return_tensors="pt")["input_ids"]
     inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **pixels}
     if engine.model.config.model_type != "llava_onevision":
         inputs["mm_token_type_ids"] = (input_ids == engine.video_token_id).int() * 2
@@ -88,6 +91,28 @@ def reference_inputs(engine: QueryEngine, adapter, video, question: str) -> dict
         encoded = adapter.encode(video)
         inputs["second_per_grid_ts"] = torch.tensor([encoded.model_extra["second_per_grid_t"]])
     return inputs
+
+
+def qwen3_vl_video_text(engine: QueryEngine, adapter, video, video_grid_thw: torch.Tensor) -> str:
+    """What ``Qwen3VLProcessor`` puts in place of the video placeholder (per temporal patch:
+    its timestamp, vision start, its tokens, vision end), from the processor's own
+    ``replace_video_token`` with the checkpoint's video-processor settings (its pixel path
+    needs torchvision, which this environment lacks; ``adapter.preprocess`` stands in)."""
+    from transformers import Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+
+    # Without torchvision the processor cannot be built whole (its auto classes are
+    # placeholders): set the attributes replace_video_token reads, as __init__ sets them.
+    processor = Qwen3VLProcessor.__new__(Qwen3VLProcessor)
+    processor.video_processor = Qwen3VLVideoProcessor(
+        **{key: adapter.settings[key] for key in ("patch_size", "temporal_patch_size", "merge_size")}
+    )
+    processor.video_token = engine.tokenizer.video_token
+    processor.vision_start_token = engine.tokenizer.vision_start_token
+    processor.vision_end_token = engine.tokenizer.vision_end_token
+    metadata = VideoMetadata(total_num_frames=video.num_frames_total, fps=video.fps, frames_indices=list(video.frame_indices))
+    return processor.replace_video_token({"video_grid_thw": video_grid_thw, "video_metadata": [metadata]}, 0)
 
 
 def text_around_video(engine: QueryEngine, question: str) -> tuple[list[int], list[int]]:
@@ -371,7 +396,12 @@ def model_positions(engine: QueryEngine, stored, num_text_before: int, num_text_
     return full[:, :, keep]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Families whose video is one block of tokens in the prompt (Qwen3-VL's per-frame blocks:
+# tests/test_families.py).
+ONE_BLOCK_FAMILIES = ["llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+
+
+@pytest.mark.parametrize("family", ONE_BLOCK_FAMILIES)
 def test_merged_prompt_holds_the_n_stored_tokens_in_order_at_their_spec_positions(engines, store, family):
     engine, model = engines[family], engines[family].model
     stored = store.read(f"{family}/bikes")

@@ -40,6 +40,8 @@ from transformers.video_processing_utils import BaseVideoProcessor
 
 from pipeline.decode import DecodedVideo, SamplingPolicy
 from pipeline.fingerprint import canonical_json
+from sttm.merging import assemble, cell_similarities, choose_parents, emitted_cells
+from sttm.token_set import TokenSet
 
 # transformers' value for bicubic (PILImageResampling.BICUBIC), the only resampling the
 # supported video processors use.
@@ -78,10 +80,14 @@ class EncodedVideo:
             reads them (raster order of ``(t, h, w)``).
         model_extra: JSON-able facts the query stage needs to place the tokens in a prompt
             (see each adapter's docstring).
+        deepstack: ``[L, T', H', W', C]`` per-patch features of the model's DeepStack levels
+            (Qwen3-VL), merged like ``tokens`` and stored beside them; ``None`` for models
+            without them.
     """
 
     tokens: torch.Tensor
     model_extra: dict[str, Any]
+    deepstack: torch.Tensor | None = None
 
 
 class VideoAdapter(ABC):
@@ -180,9 +186,10 @@ class PromptLayout(ABC):
     layout decides what replaces the placeholder.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, tokenizer):
         self.model = model
         self.config = model.config
+        self.tokenizer = tokenizer
 
     def check(self, stored) -> None:
         """Raise IncompatibleTokenSetError when ``stored.model_extra`` does not describe
@@ -210,6 +217,33 @@ class PromptLayout(ABC):
         dtype keeps an empty list from becoming a float tensor)."""
         embeddings = self.model.get_input_embeddings()
         return embeddings(torch.tensor(list(token_ids), dtype=torch.long, device=embeddings.weight.device))
+
+
+def merge_beside(tokens: torch.Tensor, deepstack: torch.Tensor, merged: TokenSet) -> torch.Tensor:
+    """Per-patch tensors ``[L, T, H, W, C]`` beside the tokens (e.g. Qwen3-VL's DeepStack
+    levels) merged exactly as ``merged`` merged ``tokens [T, H, W, C]``: the same groups and the same per-patch weights (STTM_SPEC
+    section 3: a token's feature is a fixed weighted sum of its patches). Returns
+    ``[L, N, C]``.
+
+    The merge decisions are taken again from ``tokens`` alone at ``merged``'s thresholds
+    (``sttm.merge`` reproduces a token set from them), and the same ``assemble`` step sums
+    the main features and the levels side by side along the channels, so every level
+    gets exactly the main features' weights.
+    """
+    levels, channels = deepstack.shape[0], tokens.shape[-1]
+    sims = cell_similarities(tokens, merged.root_level, merged.weighted, merged.head_dim,
+                             temporal=merged.tau_t is not None)
+    emitted = emitted_cells(sims.tree, sims.min_child_sim, merged.tau_s)
+    parent = None
+    if merged.tau_t is not None and sims.nested_sim is not None:
+        parent = choose_parents(sims.tree, sims.nested_sim, emitted, merged.tau_t)
+    side_by_side = torch.cat([tokens, *deepstack.to(tokens.dtype)], dim=-1)  # [T, H, W, (1 + L) * C]
+    params = dict(tau_s=merged.tau_s, tau_t=merged.tau_t, root_level=merged.root_level, weighted=merged.weighted,
+                  head_dim=merged.head_dim)
+    again = assemble(side_by_side, sims.tree, emitted, parent, merged.weighted, params)
+    if not torch.equal(again.assignment.cpu(), merged.assignment.cpu()):
+        raise ValueError("the per-patch tensors cannot follow this token set: its merge does not repeat on these tokens")
+    return again.features[:, channels:].reshape(-1, levels, channels).transpose(0, 1).contiguous()
 
 
 def video_processor_settings(model_path: str, defaults: dict[str, Any]) -> dict[str, Any]:

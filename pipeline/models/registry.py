@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pipeline.models import llava_onevision, qwen2_vl
+from pipeline.models import llava_onevision, qwen2_vl, qwen3_vl
 from pipeline.models.base import PromptLayout, UnsupportedModelError, VideoAdapter
 from pipeline.models.tiny_random import TINY_RANDOM_PREFIX, build_once
 
-FAMILY_MODULES: tuple[ModuleType, ...] = (llava_onevision, qwen2_vl)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llava_onevision, qwen2_vl, qwen3_vl)
 
 FAMILIES: dict[str, ModuleType] = {model_type: family for family in FAMILY_MODULES for model_type in family.MODEL_TYPES}
 TINY_RANDOM_BUILDERS = {name: builder for family in FAMILY_MODULES for name, builder in family.TINY_RANDOM.items()}
@@ -54,6 +54,7 @@ def load_adapter(model_spec: str, device: str | torch.device = "cpu", dtype: tor
     return family.ADAPTER(model_spec, model_path, device=device, dtype=dtype)
 
 
-def prompt_layout(model: nn.Module, model_spec: str) -> PromptLayout:
-    """The query-side layout of a loaded full model (``AutoModelForImageTextToText``)."""
-    return family_of(model.config.model_type, model_spec).LAYOUT(model)
+def prompt_layout(model: nn.Module, tokenizer, model_spec: str) -> PromptLayout:
+    """The query-side layout of a loaded full model (``AutoModelForImageTextToText``) and
+    its tokenizer."""
+    return family_of(model.config.model_type, model_spec).LAYOUT(model, tokenizer)
