@@ -895,12 +895,12 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
         "assignment": _one_list_value(pa.array(tokens.assignment.numpy().reshape(-1))),
         "deepstack_levels": None if deepstack is None else deepstack.shape[0],
         "deepstack": None if deepstack is None else _one_binary_value(_raw_bytes(deepstack)),
-        "payload_checksum": payload_checksum(tokens, deepstack),
+        "payload_checksum": payload_checksum(tokens) if deepstack is None else payload_checksum(tokens, deepstack),
         "pipeline_version": record.pipeline_version,
         "run_id": record.run_id,
         "created_at": _check_aware(record.created_at),
     }
-    return _encode_one_row(TOKEN_SET, row, uncompressed=("features",))
+    return _encode_one_row(TOKEN_SET, row, uncompressed=("features", "deepstack"))
 
 
 def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> StoredTokenSet:

@@ -8,20 +8,25 @@ and the language model's own DeepStack path. Tiny random models, float32, CPU.
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+import schemas
 import sttm
+from pipeline import store as store_module
+from pipeline.fingerprint import content_hash
 from pipeline.models import load_adapter, resolve_model
 from pipeline.models.base import merge_beside
 from pipeline.models.qwen3_vl import Qwen3VLSampling
 from pipeline.models.registry import FAMILIES, FAMILY_MODULES
 from pipeline.query import QueryEngine
-from pipeline.store import TokenStore
+from pipeline.store import CorruptObjectError, TokenStore
 from query_setup import decode_sample, stored_token_set
 from test_query import QUESTIONS, qwen3_vl_video_text, text_around_video
 
@@ -181,3 +186,70 @@ def test_qwen3_vl_merged_prompt_is_the_processors_with_each_frames_tokens_replac
     for (mask, level_embeds), level in zip(added, stored.deepstack):
         assert torch.equal(mask[0], visual)  # exactly the merged rows of prompt + question
         assert torch.equal(level_embeds, level)
+
+
+# ------------------------------------------------------------------- DeepStack in the store
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit (the store tests' features are random bit patterns, NaNs included)."""
+    return a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def with_deepstack(levels: int = 3):
+    """The store tests' record with ``levels`` DeepStack levels beside its features."""
+    from test_store import make_record
+
+    record = make_record(num_tokens=40, channels=16, grid=(2, 6, 8))
+    n, c = record.tokens.features.shape
+    deepstack = torch.randn(levels, n, c, generator=torch.Generator().manual_seed(1)).to(record.tokens.features.dtype)
+    return dataclasses.replace(record, deepstack=deepstack)
+
+
+def test_deepstack_levels_round_trip_bit_exactly_and_are_checksummed(tmp_path):
+    store = TokenStore(str(tmp_path))
+    record = with_deepstack()
+    key = store.write(record)
+    read = store.read(record.video_id)
+    assert same_bits(read.deepstack, record.deepstack) and same_bits(read.tokens.features, record.tokens.features)
+    without = dataclasses.replace(record, video_id="video-2", content_hash=content_hash(b"other bytes"), deepstack=None)
+    store.write(without)
+    assert store.read("video-2").deepstack is None
+
+    # The same object with other DeepStack bytes of the same size is refused (its page
+    # CRC or, past that, the payload checksum, which covers the levels).
+    (path,) = [p for p in tmp_path.rglob("*.parquet") if p.name in key]
+    data = path.read_bytes()
+    flipped = record.deepstack.clone()
+    flipped[1, 2, 3] += 1
+    old, new = (tensor.contiguous().view(torch.uint8).numpy().tobytes() for tensor in (record.deepstack, flipped))
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+    with pytest.raises(CorruptObjectError, match=key):
+        store.read(record.video_id)
+
+
+def test_token_set_of_schema_2_0_without_deepstack_columns_is_still_read(tmp_path, monkeypatch):
+    """Objects written before 2.1 lack the two optional columns; they read as before."""
+    old_schema = dataclasses.replace(
+        schemas.TOKEN_SET,
+        version="2.0",
+        fields=tuple(f for f in schemas.TOKEN_SET.fields if f.name not in ("deepstack_levels", "deepstack")),
+    )
+    encode = store_module._encode_one_row
+
+    def as_2_0(schema, row, uncompressed=()):
+        if schema.name == "token_set":
+            schema, row = old_schema, {name: value for name, value in row.items() if name in old_schema.field_names}
+        return encode(schema, row, uncompressed)
+
+    store = TokenStore(str(tmp_path))
+    record = dataclasses.replace(with_deepstack(), deepstack=None)
+    monkeypatch.setattr(store_module, "_encode_one_row", as_2_0)
+    key = store.write(record)
+    monkeypatch.undo()
+    (path,) = [p for p in tmp_path.rglob("*.parquet") if p.name in key]
+    written = pq.read_schema(path)
+    assert written.metadata[b"sttm.schema_version"] == b"2.0" and "deepstack" not in written.names
+    read = store.read(record.video_id)
+    assert read.deepstack is None and same_bits(read.tokens.features, record.tokens.features)

@@ -570,7 +570,7 @@ def at_version(schema: schemas.RecordSchema, version: str) -> schemas.RecordSche
 
 
 def test_token_set_reads_schema_majors_1_and_2_other_records_only_their_own():
-    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("2.0", (1, 2))
+    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("2.1", (1, 2))
     for schema in (schemas.INDEX_ENTRY, schemas.RUN_MANIFEST, schemas.FAILURE):
         assert schema.reads_majors == (schema.major,), schema.name
 
