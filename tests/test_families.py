@@ -253,3 +253,41 @@ def test_token_set_of_schema_2_0_without_deepstack_columns_is_still_read(tmp_pat
     assert written.metadata[b"sttm.schema_version"] == b"2.0" and "deepstack" not in written.names
     read = store.read(record.video_id)
     assert read.deepstack is None and same_bits(read.tokens.features, record.tokens.features)
+
+
+# ------------------------------------------------------------------- end to end
+
+
+def test_qwen3_vl_preprocess_stores_both_samples_with_deepstack_and_visualize_draws_them(tmp_path):
+    """The preprocess job (real local Ray, decode and encode actors) on the bundled videos
+    with the tiny Qwen3-VL: every video stored with its DeepStack levels, queryable, and
+    drawn by the visualiser (one panel per temporal patch)."""
+    import ray
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.run import run_preprocess
+    from pipeline.samples import SAMPLE_DIR
+    from pipeline.visualize import visualize_stored_video
+
+    store_dir = tmp_path / "store"
+    config = PreprocessConfig(input=str(SAMPLE_DIR), output=str(store_dir), model="tiny-random:qwen3-vl", frames=4,
+                              progress=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        summary = run_preprocess(config)
+    finally:
+        ray.shutdown()
+    assert (summary.stored, summary.failed) == (2, 0), summary.failures
+
+    store = TokenStore(str(store_dir))
+    engine = QueryEngine("tiny-random:qwen3-vl")
+    levels = len(engine.model.config.vision_config.deepstack_visual_indexes)
+    for video_id in ("bigbuckbunny", "bikes"):
+        stored = store.read(video_id)
+        assert stored.tokens.grid[0] == 2 and stored.num_tokens <= 0.5 * stored.original_tokens
+        assert stored.deepstack.shape == (levels, stored.num_tokens, engine.hidden_size)
+        assert len(stored.model_extra["frame_seconds"]) == 2
+        engine.check(stored)
+        assert engine.answer(engine.prefill(stored), QUESTIONS[0], max_new_tokens=2).num_question_tokens > 0
+        drawn = visualize_stored_video(str(store_dir), video_id)
+        assert [panel.token_frame for panel in drawn.panels] == [0, 1]

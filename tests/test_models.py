@@ -282,6 +282,7 @@ HUB_KEY_RENAMES = {
     "qwen2-vl": [(r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model.")],
     "qwen2.5-vl": [(r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model.")],
     "qwen3-vl": [],  # the hub checkpoints use the in-memory names
+    "qwen3-vl-moe": [],
 }
 
 

@@ -77,7 +77,7 @@ def reference_inputs(engine: QueryEngine, adapter, video, question: str) -> dict
     if model_type == "llava_onevision":
         num_frames = pixels["pixel_values_videos"].shape[1]
         replacement = placeholder * (num_frames * 14 * 14 + 1)  # pooled 14x14 grid per frame, one newline
-    elif model_type == "qwen3_vl":
+    elif model_type in ("qwen3_vl", "qwen3_vl_moe"):
         replacement = qwen3_vl_video_text(engine, adapter, video, pixels["video_grid_thw"])
     else:
         replacement = placeholder * (int(pixels["video_grid_thw"].prod()) // 4)  # 2x2 patch merger

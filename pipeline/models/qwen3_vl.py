@@ -48,7 +48,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoConfig,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+)
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLPreTrainedModel, Qwen3VLVisionModel
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import (
     Qwen3VLMoePreTrainedModel,
@@ -366,7 +372,8 @@ _QWEN3_VL_CHAT_TEMPLATE = (
 )
 
 
-def _build_qwen3_vl(directory: Path) -> None:
+def _build_qwen3_vl(directory: Path, config_class=Qwen3VLConfig, model_class=Qwen3VLForConditionalGeneration,
+                    **text_sizes) -> None:
     """Qwen3VLForConditionalGeneration: ViT with learned + 2-D rotary positions, 16 px
     patches, 2x2 merger, DeepStack mergers after both vision blocks (added after LLM
     layers 0 and 1), interleaved multimodal rotary positions."""
@@ -385,7 +392,7 @@ def _build_qwen3_vl(directory: Path) -> None:
         "mrope_section": [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6],
         "mrope_interleaved": True,
     }
-    config = Qwen3VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=VOCAB_SIZE,
             head_dim=head_dim,
@@ -394,6 +401,7 @@ def _build_qwen3_vl(directory: Path) -> None:
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             **TEXT_SIZES,
+            **text_sizes,
         ),
         vision_config=dict(
             depth=2,
@@ -413,7 +421,7 @@ def _build_qwen3_vl(directory: Path) -> None:
         vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
     )
     torch.manual_seed(SEED)
-    model = Qwen3VLForConditionalGeneration(config)
+    model = model_class(config)
     pixels = dict(image_mean=[0.5] * 3, image_std=[0.5] * 3, patch_size=16, temporal_patch_size=2, merge_size=2,
                   **PIXEL_SETTINGS)
     save(
@@ -438,6 +446,13 @@ def _build_qwen3_vl(directory: Path) -> None:
     )
 
 
+def _build_qwen3_vl_moe(directory: Path) -> None:
+    """Qwen3VLMoeForConditionalGeneration: the same vision side and prompt, a decoder of
+    sparse mixture-of-experts blocks (4 experts, 2 per token)."""
+    _build_qwen3_vl(directory, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration,
+                    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+
+
 ADAPTER = Qwen3VLAdapter
 LAYOUT = Qwen3VLLayout
-TINY_RANDOM = {"qwen3-vl": _build_qwen3_vl}
+TINY_RANDOM = {"qwen3-vl": _build_qwen3_vl, "qwen3-vl-moe": _build_qwen3_vl_moe}
