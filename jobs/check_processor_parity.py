@@ -30,13 +30,15 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from pipeline.decode import QwenSampling, UniformSampling, decode_video
 from pipeline.models import load_adapter, resolve_model
+from pipeline.models.qwen3_vl import Qwen3VLSampling
 from pipeline.samples import SAMPLE_VIDEOS
 
-FAMILIES = ["llava-onevision", "qwen2-vl", "qwen2.5-vl"]
+FAMILIES = ["llava-onevision", "qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 POLICIES = {
     "llava-onevision": [UniformSampling(3), UniformSampling(8)],
     "qwen2-vl": [QwenSampling(fps=0.5), QwenSampling(fps=1.0, max_pixels=128 * 28 * 28), UniformSampling(3)],
     "qwen2.5-vl": [QwenSampling(fps=0.5), UniformSampling(5)],
+    "qwen3-vl": [Qwen3VLSampling(), Qwen3VLSampling(fps=0.5), UniformSampling(5)],
 }
 
 
@@ -74,7 +76,10 @@ def main() -> int:
                 video = decode_video(str(video_path), policy)
                 case = f"{family} {video_path.name} {policy}"
                 ours = reference_adapter.preprocess(video)
-                theirs = processor.video_processor(videos=[video.frames.numpy()], return_tensors="pt")
+                # The frames are sampled already (Qwen3-VL's processor would sample again).
+                theirs = processor.video_processor(
+                    videos=[video.frames.numpy()], do_sample_frames=False, return_tensors="pt"
+                )
                 check(
                     f"{case}: pixels equal the video processor's",
                     all(torch.equal(ours[key], theirs[key]) for key in ours),
@@ -89,7 +94,9 @@ def main() -> int:
                     add_generation_prompt=True,
                     tokenize=False,
                 )
-                ids = processor(text=prompt, videos=[video.frames.numpy()], return_tensors="pt").input_ids
+                ids = processor(
+                    text=prompt, videos=[video.frames.numpy()], do_sample_frames=False, return_tensors="pt"
+                ).input_ids
                 video_token_count = int((ids == encoded.model_extra["video_token_id"]).sum())
                 check(
                     f"{case}: processor expands the prompt to {expected_video_tokens} video tokens",
