@@ -266,7 +266,7 @@ class Qwen3VLLayout(PromptLayout):
                 f"spatial merge {merge}"
             )
         levels = len(self.config.vision_config.deepstack_visual_indexes)
-        deepstack = getattr(stored, "deepstack", None)
+        deepstack = stored.deepstack
         expected = (levels, stored.num_tokens, stored.tokens.features.shape[1])
         if levels and (deepstack is None or tuple(deepstack.shape) != expected):
             found = None if deepstack is None else list(deepstack.shape)
@@ -324,7 +324,7 @@ class Qwen3VLLayout(PromptLayout):
         embeds = [self.embed(text_before_video)]
         for kind, piece in pieces:
             embeds.append(self.embed(piece) if kind == "text" else features[piece[0] : piece[1]])
-        deepstack = getattr(stored, "deepstack", None)
+        deepstack = stored.deepstack
         return PrefixLayout(
             embeds=torch.cat(embeds),
             position_ids=full_positions[:, :, keep].to(self.model.device),
