@@ -40,7 +40,7 @@ from __future__ import annotations
 import inspect
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,7 @@ MULTIMODAL_ROPE_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
 
 # The language model's attention: SDPA, with grouped-query heads packed under a mask.
 GROUPED_QUERY_ATTENTION = "sttm_grouped_query_sdpa"
+DECODING_STEPS = ("auto", "dynamic", "static", "graphs")
 
 
 def _grouped_query_attention(module, query, key, value, attention_mask, **kwargs):
@@ -185,9 +186,23 @@ class QueryEngine:
         model_spec: a checkpoint directory, a hub id, or ``tiny-random:<family>``.
         device: where the model runs.
         dtype: model dtype; ``None`` keeps the checkpoint's.
+        decoding_steps: how the decoding steps run (one forward per new token for all
+            questions still going): ``"dynamic"`` on the growing cache, eager;
+            ``"static"`` on a fixed-capacity cache, eager; ``"graphs"`` that, captured
+            once per shape bucket in CUDA graphs and replayed (CUDA only); ``"auto"``:
+            graphs on CUDA, else dynamic.
     """
 
-    def __init__(self, model_spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model_spec: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        decoding_steps: str = "auto",
+    ):
+        if decoding_steps not in DECODING_STEPS:
+            raise ValueError(f"decoding_steps must be one of {DECODING_STEPS}, got {decoding_steps!r}")
         model_path = resolve_model(model_spec)
         self.model_spec = model_spec
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
@@ -214,6 +229,11 @@ class QueryEngine:
         self._multimodal_text_positions = self._text_positions(0, 1).dim() == 3
         # Questions answered together run under block masks (see `_grouped_query_attention`).
         self.model.config.get_text_config()._attn_implementation = GROUPED_QUERY_ATTENTION
+        if decoding_steps == "auto":
+            decoding_steps = "graphs" if self.device.type == "cuda" else "dynamic"
+        if decoding_steps == "graphs" and self.device.type != "cuda":
+            raise ValueError(f"decoding_steps 'graphs' needs a CUDA device, got {self.device}")
+        self._static_decoder = None if decoding_steps == "dynamic" else _StaticDecoder(self, use_graphs=decoding_steps == "graphs")
 
     # -- prefix ----------------------------------------------------------------------------
 
@@ -415,14 +435,18 @@ class QueryEngine:
     @torch.inference_mode()
     def next_token_logits(self, prefix: VideoPrefix, question: str) -> torch.Tensor:
         """float32 ``[vocab]`` logits of the first answer token (leaves the prefix as it was)."""
-        question_ids = self._question_ids(question)
+        return self.next_token_logits_all(prefix, [question])[0]
+
+    @torch.inference_mode()
+    def next_token_logits_all(self, prefix: VideoPrefix, questions: Sequence[str]) -> torch.Tensor:
+        """float32 ``[count, vocab]`` logits of each question's first answer token, the
+        questions run together as in ``answer_all`` (leaves the prefix as it was)."""
+        _per_question(Decoding(), questions)
+        question_ids = [self._question_ids(question) for question in questions]
         try:
-            logits = self._forward(
-                self._embed(question_ids)[None], self._text_positions(prefix.text_position, len(question_ids)), prefix.cache
-            )
+            return self._prompt_logits(prefix, question_ids)[0].float()
         finally:
             self._crop_to_prefix(prefix)
-        return logits.float()
 
     def _answer_together(
         self,
@@ -442,34 +466,27 @@ class QueryEngine:
         of a step). The cache after the prefix holds the questions' tokens interleaved;
         ``owner`` says whose each is, and a block mask lets each token see the prefix and
         its own question's earlier tokens only. Alone, a question needs no mask: its
-        tokens follow the prefix in order. ``ttft_s`` and ``total_s`` count from ``start``.
+        tokens follow the prefix in order. With static decoding (``QueryEngine``'s
+        ``decoding_steps``) the steps run on a fixed-capacity copy of the cache instead
+        (``_StaticDecoder``), on CUDA as graph replays; ``prefix.cache`` then keeps the
+        prompts only. ``ttft_s`` and ``total_s`` count from ``start``.
         """
         count = len(question_ids)
         together = count > 1
-        owner = torch.empty(0, dtype=torch.long, device=self.device)  # [cached - prefix.length]
+        logits, owner = self._prompt_logits(prefix, question_ids, first_logits)
+        most_steps = max(decoding.max_new_tokens for decoding in decodings) - 1
+        if self._static_decoder is not None and most_steps > 0:
+            step = self._static_decoder.start(prefix, count, most_steps)
+            step.begin(prefix.length, owner)
+        else:
 
-        def forward(token_ids: Sequence[int] | torch.Tensor, positions: list[int], rows: list[int], logits_at=None):
-            nonlocal owner
-            row_owner = torch.tensor(rows, device=self.device)
-            owner = torch.cat([owner, row_owner])
-            mask = self._block_mask(prefix.length, owner, row_owner) if together else None
-            embeds = self.model.get_input_embeddings()(token_ids)[None] if torch.is_tensor(token_ids) else self._embed(token_ids)[None]
-            return self._forward(embeds, self._positions(positions), prefix.cache, attention_mask=mask, logits_at=logits_at)
+            def step(tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
+                nonlocal owner
+                embeds = self.model.get_input_embeddings()(tokens)
+                at = torch.arange(len(questions), device=self.device)
+                logits, owner = self._forward_together(prefix, owner, embeds, positions, questions, together, logits_at=at)
+                return logits
 
-        logits = [] if first_logits is None else [first_logits[None]]
-        if first_logits is not None:
-            owner = torch.zeros(len(question_ids[0]), dtype=torch.long, device=self.device)
-        prompts = range(len(logits), count)
-        if prompts:
-            lengths = [len(question_ids[q]) for q in prompts]
-            last_tokens = torch.tensor(lengths, device=self.device).cumsum(0) - 1
-            logits.append(forward(
-                [token for q in prompts for token in question_ids[q]],
-                [prefix.text_position + i for q in prompts for i in range(len(question_ids[q]))],
-                [q for q in prompts for _ in question_ids[q]],
-                logits_at=last_tokens,
-            ).reshape(len(prompts), -1))  # fmt: skip
-        logits = torch.cat(logits)  # [count, vocab], the questions in order
 
         generators = [
             torch.Generator(self.device).manual_seed(d.seed) if d.do_sample and d.seed is not None else None for d in decodings
@@ -479,7 +496,7 @@ class QueryEngine:
         ttft_s: list[float | None] = [None] * count
         total_s: list[float | None] = [None] * count
         going = list(range(count))  # the questions whose rows `logits` holds
-        while going:
+        while True:
             logits = logits.float()
             tokens = logits.argmax(dim=-1)
             for row, q in enumerate(going):
@@ -508,12 +525,8 @@ class QueryEngine:
             if not going:
                 break
             rows = torch.tensor(still_going, device=self.device)
-            logits = forward(
-                tokens[rows],
-                [prefix.text_position + len(question_ids[q]) + len(generated[q]) - 1 for q in going],
-                going,
-                logits_at=torch.arange(len(going), device=self.device),
-            )
+            positions = [prefix.text_position + len(question_ids[q]) + len(generated[q]) - 1 for q in going]
+            logits = step(tokens[rows], positions, going)
         return [
             Answer(
                 self.tokenizer.decode(generated[q], skip_special_tokens=True).strip(),
@@ -525,6 +538,52 @@ class QueryEngine:
             )
             for q in range(count)
         ]
+
+    def _prompt_logits(
+        self, prefix: VideoPrefix, question_ids: list[list[int]], first_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompts of ``question_ids`` on top of ``prefix.cache`` in one forward
+        (the first one's is already there when ``first_logits`` is given); returns the
+        first answer token's logits ``[count, vocab]`` and ``owner``, the question of each
+        cache slot after the prefix."""
+        together = len(question_ids) > 1
+        logits = [] if first_logits is None else [first_logits[None]]
+        owner = torch.zeros(len(question_ids[0]) if logits else 0, dtype=torch.long, device=self.device)
+        prompts = range(len(logits), len(question_ids))
+        if prompts:
+            tokens = [token for q in prompts for token in question_ids[q]]
+            last_tokens = torch.tensor([len(question_ids[q]) for q in prompts], device=self.device).cumsum(0) - 1
+            prompt_logits, owner = self._forward_together(
+                prefix,
+                owner,
+                self._embed(tokens),
+                [prefix.text_position + i for q in prompts for i in range(len(question_ids[q]))],
+                [q for q in prompts for _ in question_ids[q]],
+                together,
+                logits_at=last_tokens,
+            )
+            logits.append(prompt_logits)
+        return torch.cat(logits), owner
+
+    def _forward_together(
+        self,
+        prefix: VideoPrefix,
+        owner: torch.Tensor,
+        embeds: torch.Tensor,
+        positions: list[int],
+        rows: list[int],
+        together: bool,
+        logits_at: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``embeds [n, C]``, tokens of the questions ``rows`` at ``positions``, on
+        top of ``prefix.cache`` (after the prefix: slots of the questions ``owner``),
+        under the block mask when questions are answered ``together``. Returns the logits
+        at ``logits_at`` (``[k, vocab]``) and the owners with the new slots."""
+        row_owner = torch.tensor(rows, device=self.device)
+        owner = torch.cat([owner, row_owner])
+        mask = self._block_mask(prefix.length, owner, row_owner) if together else None
+        positions = self._positions(positions)
+        return self._forward(embeds[None], positions, prefix.cache, attention_mask=mask, logits_at=logits_at), owner
 
     @staticmethod
     def _block_mask(prefix_length: int, owner: torch.Tensor, row_owner: torch.Tensor) -> torch.Tensor:
@@ -620,6 +679,152 @@ class QueryEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+class _SlotCache(DynamicCache):
+    """A fixed-capacity key/value cache for decoding steps: per layer ``[1, H_kv, S, D]``
+    buffers; each forward writes its new keys and values at the slots ``slots`` (``[n]``,
+    set before the forward) and attends over all ``S`` slots under the step's mask.
+    Fixed shapes and addresses are what a CUDA graph needs. (A ``DynamicCache`` subclass
+    so that the models take it as a cache; none of its own storage is used.)"""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor):
+        super().__init__()
+        self.buffer_keys, self.buffer_values, self.slots = keys, values, slots
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.buffer_keys[layer_idx].index_copy_(2, self.slots, key_states)
+        self.buffer_values[layer_idx].index_copy_(2, self.slots, value_states)
+        return self.buffer_keys[layer_idx], self.buffer_values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.buffer_keys[layer_idx].shape[2]
+
+
+class _StaticDecoder:
+    """Decoding steps on fixed-capacity caches, on CUDA replayed from CUDA graphs.
+
+    Capacities come in buckets of ``CAPACITY_STEP`` slots and row counts in powers of
+    two, so videos of similar length share buffers and graphs: one graph per (capacity,
+    rows) bucket, captured on its first use. A step's unused rows write to the last slot,
+    which no mask shows, and see the prefix only. Keeps the buffers of the
+    ``KEEP_CAPACITIES`` most recently used capacities.
+    """
+
+    CAPACITY_STEP = 4096
+    KEEP_CAPACITIES = 2
+
+    def __init__(self, engine: "QueryEngine", use_graphs: bool):
+        self.engine = engine
+        self.use_graphs = use_graphs
+        self.buffers: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    def start(self, prefix: VideoPrefix, rows: int, most_steps: int) -> "_StaticRun":
+        """Copy ``prefix.cache`` (the prefix and the prompts) into a cache with room for
+        ``most_steps`` steps of ``rows`` tokens and a spare slot."""
+        cached = prefix.cache.layers[0].get_seq_length()
+        rows = 1 << (rows - 1).bit_length()
+        step = self.CAPACITY_STEP
+        capacity = -(-(cached + rows * most_steps + 1) // step) * step
+        keys, values = self._buffers(prefix.cache, capacity)
+        for layer, key, value in zip(prefix.cache.layers, keys, values):
+            key[:, :, :cached].copy_(layer.keys)
+            value[:, :, :cached].copy_(layer.values)
+        return _StaticRun(self, capacity, rows, cached)
+
+    def _buffers(self, cache: DynamicCache, capacity: int):
+        if capacity not in self.buffers:
+            while len(self.buffers) >= self.KEEP_CAPACITIES:
+                dropped = next(iter(self.buffers))
+                del self.buffers[dropped]
+                self.steps = {key: step for key, step in self.steps.items() if key[0] != dropped}
+            self.buffers[capacity] = tuple(
+                [torch.zeros(*getattr(layer, kind).shape[:2], capacity, getattr(layer, kind).shape[3], dtype=getattr(layer, kind).dtype, device=self.engine.device) for layer in cache.layers]
+                for kind in ("keys", "values")
+            )
+        self.buffers[capacity] = self.buffers.pop(capacity)  # most recently used last
+        return self.buffers[capacity]
+
+    def step(self, capacity: int, rows: int) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
+        """The static inputs (``tokens [rows]``, ``positions``, ``mask [1, 1, rows,
+        capacity]``, ``slots [rows]``) of the step of this bucket and the function that
+        runs it (a graph replay on CUDA), returning ``[rows, vocab]`` logits."""
+        key = (capacity, rows)
+        if key not in self.steps:
+            engine = self.engine
+            device = engine.device
+            inputs = dict(
+                tokens=torch.zeros(rows, dtype=torch.long, device=device),
+                positions=engine._positions([0] * rows).clone(),
+                mask=torch.zeros(1, 1, rows, capacity, dtype=torch.bool, device=device),
+                slots=torch.full((rows,), capacity - 1, dtype=torch.long, device=device),
+            )
+            inputs["mask"][..., 0] = True
+            cache = _SlotCache(*self.buffers[capacity], inputs["slots"])
+
+            def run() -> torch.Tensor:
+                embeds = engine.model.get_input_embeddings()(inputs["tokens"])[None]
+                output = engine.model(
+                    inputs_embeds=embeds, position_ids=inputs["positions"], attention_mask=inputs["mask"],
+                    use_cache=True, logits_to_keep=rows, **{engine._cache_argument: cache},
+                )  # fmt: skip
+                return output.logits[0]
+
+            if self.use_graphs:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up: lazy initializations stay out of the graph
+                        run()
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = run()
+
+                def replay(graph=graph, logits=logits) -> torch.Tensor:
+                    graph.replay()
+                    return logits
+
+                self.steps[key] = (inputs, replay)
+            else:
+                self.steps[key] = (inputs, run)
+        return self.steps[key]
+
+
+class _StaticRun:
+    """The decoding steps of one ``answer_all`` on a ``_StaticDecoder``'s buffers; slot
+    ``j`` holds question ``owner[j]``'s token (-1: the prefix; -2: nothing yet)."""
+
+    def __init__(self, decoder: _StaticDecoder, capacity: int, rows: int, cached: int):
+        self.inputs, self.run = decoder.step(capacity, rows)
+        self.rows, self.cached, self.capacity = rows, cached, capacity
+        self.engine = decoder.engine
+
+    def begin(self, prefix_length: int, owner: torch.Tensor) -> None:
+        """``owner``: the question of each slot after the prefix so far."""
+        device = self.engine.device
+        self.owner = torch.full((self.capacity,), -2, dtype=torch.long, device=device)
+        self.owner[:prefix_length] = -1
+        self.owner[prefix_length : self.cached] = owner
+        self.next_slot = self.cached
+
+    def __call__(self, tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
+        """Run one token per question of ``questions`` (``tokens [k]`` at ``positions``);
+        returns their ``[k, vocab]`` logits."""
+        device = self.engine.device
+        count, padding = len(questions), self.rows - len(questions)
+        slots = torch.arange(self.next_slot, self.next_slot + count, device=device)
+        self.next_slot += count
+        row_owner = torch.tensor(questions + [-3] * padding, device=device)
+        self.owner[slots] = row_owner[:count]
+        mask = (self.owner[None, :] == row_owner[:, None]) | (self.owner == -1)[None, :]
+        self.inputs["tokens"][:count] = tokens
+        self.inputs["positions"].copy_(self.engine._positions(positions + [0] * padding))
+        self.inputs["mask"].copy_(mask[None, None])
+        self.inputs["slots"].copy_(torch.cat([slots, torch.full((padding,), self.capacity - 1, device=device)]))
+        return self.run()[:count]
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.query import Decoding, Question, answer_questions
+from pipeline.query import Decoding, QueryEngine, Question, answer_questions
 from query_setup import FAMILIES
 from test_query import adapters, engines, model_cache, recorded_forwards, store, videos  # noqa: F401 (fixtures)
 
@@ -135,3 +135,40 @@ def test_decoding_options_are_checked_before_the_model_runs(engines, store):
         with pytest.raises(ValueError, match="empty"):
             engine.prefill_and_answer_all(stored, [QUESTIONS[0], " "])
     assert forwards == []
+
+
+@pytest.fixture(scope="module")
+def static_engines(model_cache):  # noqa: F811
+    """Engines whose decoding steps run on fixed-capacity caches (the CUDA graphs' path,
+    eager here)."""
+    return {family: QueryEngine(f"tiny-random:{family}", dtype=torch.float32, decoding_steps="static") for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_decoding_steps_answer_as_a_fresh_prefill_each(engines, static_engines, store, family):
+    stored = store.read(f"{family}/bikes")
+    decodings = [
+        Decoding(max_new_tokens=7),
+        Decoding(max_new_tokens=1),  # done after the prompts' forward
+        Decoding(max_new_tokens=5, do_sample=True, temperature=3.0, seed=11),
+        Decoding(max_new_tokens=3),
+    ]
+    expected = [fresh(engines[family], stored, question, decoding) for question, decoding in zip(QUESTIONS, decodings)]
+    engine = static_engines[family]
+    prefix, together = engine.prefill_and_answer_all(stored, QUESTIONS, decodings)
+    assert_same_answers(together, expected)
+    # Buffers and steps are reused: a second video and a single question answer alike.
+    assert_same_answers(engine.answer_all(prefix, QUESTIONS[::-1], decodings[::-1]), expected[::-1])
+    assert_same_answers([engine.answer(prefix, QUESTIONS[2], max_new_tokens=6)], [fresh(engines[family], stored, QUESTIONS[2], Decoding(6))])
+    other = store.read(f"{family}/bunny")
+    assert_same_answers(
+        engine.prefill_and_answer_all(other, QUESTIONS[:2], Decoding(max_new_tokens=6))[1],
+        [fresh(engines[family], other, question, Decoding(max_new_tokens=6)) for question in QUESTIONS[:2]],
+    )
+
+
+def test_cuda_graphs_need_a_cuda_device(model_cache):  # noqa: F811
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        QueryEngine("tiny-random:qwen2-vl", dtype=torch.float32, decoding_steps="graphs")
+    with pytest.raises(ValueError, match="decoding_steps must be one of"):
+        QueryEngine("tiny-random:qwen2-vl", dtype=torch.float32, decoding_steps="fast")
