@@ -61,6 +61,9 @@ MULTIMODAL_ROPE_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
 # The language model's attention: SDPA, with grouped-query heads packed under a mask.
 GROUPED_QUERY_ATTENTION = "sttm_grouped_query_sdpa"
 DECODING_STEPS = ("auto", "dynamic", "static", "graphs")
+# Masked attention with at most this many scores (query rows x keys x key/value heads)
+# runs as two matrix products instead of SDPA.
+MATH_ATTENTION_MAX_SCORES = 2**26
 
 
 def _grouped_query_attention(module, query, key, value, attention_mask, **kwargs):
@@ -76,9 +79,15 @@ def _grouped_query_attention(module, query, key, value, attention_mask, **kwargs
     batch, heads, length, dim = query.shape
     packed_query = query.reshape(batch, heads // groups, groups * length, dim)
     packed_mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(attention_mask.shape[0], 1, groups * length, -1)
-    output = torch.nn.functional.scaled_dot_product_attention(
-        packed_query, key, value, attn_mask=packed_mask, scale=kwargs.get("scaling")
-    )
+    scale = kwargs.get("scaling") or dim**-0.5
+    if packed_query.shape[1] * packed_query.shape[2] * key.shape[2] <= MATH_ATTENTION_MAX_SCORES:
+        # Few query rows on a long cache: SDPA's kernels run one block of queries per
+        # head over all keys (few busy SMs), where matrix products use the whole GPU.
+        scores = torch.matmul(packed_query.float(), key.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~packed_mask, float("-inf")) if packed_mask.dtype == torch.bool else scores + packed_mask
+        output = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    else:
+        output = torch.nn.functional.scaled_dot_product_attention(packed_query, key, value, attn_mask=packed_mask, scale=scale)
     return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
@@ -473,12 +482,9 @@ class QueryEngine:
         """
         count = len(question_ids)
         together = count > 1
-        logits, owner = self._prompt_logits(prefix, question_ids, first_logits)
         most_steps = max(decoding.max_new_tokens for decoding in decodings) - 1
-        if self._static_decoder is not None and most_steps > 0:
-            step = self._static_decoder.start(prefix, count, most_steps)
-            step.begin(prefix.length, owner)
-        else:
+        if self._static_decoder is None:
+            logits, owner = self._prompt_logits(prefix, question_ids, first_logits)
 
             def step(tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
                 nonlocal owner
@@ -487,6 +493,21 @@ class QueryEngine:
                 logits, owner = self._forward_together(prefix, owner, embeds, positions, questions, together, logits_at=at)
                 return logits
 
+        else:
+            first = [] if first_logits is None else [first_logits[None]]
+            prompts = range(len(first), count)
+            prompt_tokens = [token for q in prompts for token in question_ids[q]]
+            step = self._static_decoder.start(prefix, len(prompt_tokens), count, most_steps)
+            step.begin(prefix.length, [0] * (len(question_ids[0]) if first else 0))
+            if prompts:
+                last_tokens = torch.tensor([len(question_ids[q]) for q in prompts], device=self.device).cumsum(0) - 1
+                prompt_logits = step(
+                    torch.tensor(prompt_tokens, device=self.device),
+                    [prefix.text_position + i for q in prompts for i in range(len(question_ids[q]))],
+                    [q for q in prompts for _ in question_ids[q]],
+                )
+                first.append(prompt_logits[last_tokens])
+            logits = torch.cat(first)
 
         generators = [
             torch.Generator(self.device).manual_seed(d.seed) if d.do_sample and d.seed is not None else None for d in decodings
@@ -721,18 +742,18 @@ class _StaticDecoder:
         self.steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
-    def start(self, prefix: VideoPrefix, rows: int, most_steps: int) -> "_StaticRun":
-        """Copy ``prefix.cache`` (the prefix and the prompts) into a cache with room for
-        ``most_steps`` steps of ``rows`` tokens and a spare slot."""
+    def start(self, prefix: VideoPrefix, prompt_tokens: int, questions: int, most_steps: int) -> "_StaticRun":
+        """Copy ``prefix.cache`` (the prefix and maybe a first prompt) into a cache with
+        room for ``prompt_tokens`` more, ``most_steps`` steps of ``questions`` tokens and
+        a spare slot."""
         cached = prefix.cache.layers[0].get_seq_length()
-        rows = 1 << (rows - 1).bit_length()
         step = self.CAPACITY_STEP
-        capacity = -(-(cached + rows * most_steps + 1) // step) * step
+        capacity = -(-(cached + prompt_tokens + _bucket(questions) * most_steps + 1) // step) * step
         keys, values = self._buffers(prefix.cache, capacity)
         for layer, key, value in zip(prefix.cache.layers, keys, values):
             key[:, :, :cached].copy_(layer.keys)
             value[:, :, :cached].copy_(layer.values)
-        return _StaticRun(self, capacity, rows, cached)
+        return _StaticRun(self, capacity, cached)
 
     def _buffers(self, cache: DynamicCache, capacity: int):
         if capacity not in self.buffers:
@@ -793,39 +814,45 @@ class _StaticDecoder:
         return self.steps[key]
 
 
+def _bucket(rows: int) -> int:
+    """Rows of the step that runs ``rows`` tokens: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
 class _StaticRun:
-    """The decoding steps of one ``answer_all`` on a ``_StaticDecoder``'s buffers; slot
-    ``j`` holds question ``owner[j]``'s token (-1: the prefix; -2: nothing yet)."""
+    """The forwards of one ``answer_all`` on a ``_StaticDecoder``'s buffers; slot ``j``
+    holds a token of question ``owner[j]`` (-1: the prefix; -2: nothing yet)."""
 
-    def __init__(self, decoder: _StaticDecoder, capacity: int, rows: int, cached: int):
-        self.inputs, self.run = decoder.step(capacity, rows)
-        self.rows, self.cached, self.capacity = rows, cached, capacity
-        self.engine = decoder.engine
+    def __init__(self, decoder: _StaticDecoder, capacity: int, cached: int):
+        self.decoder, self.capacity, self.next_slot = decoder, capacity, cached
+        self.device = decoder.engine.device
 
-    def begin(self, prefix_length: int, owner: torch.Tensor) -> None:
+    def begin(self, prefix_length: int, owner: list[int]) -> None:
         """``owner``: the question of each slot after the prefix so far."""
-        device = self.engine.device
-        self.owner = torch.full((self.capacity,), -2, dtype=torch.long, device=device)
+        self.owner = torch.full((self.capacity,), -2, dtype=torch.long, device=self.device)
         self.owner[:prefix_length] = -1
-        self.owner[prefix_length : self.cached] = owner
-        self.next_slot = self.cached
+        self.owner[prefix_length : self.next_slot] = torch.tensor(owner, dtype=torch.long, device=self.device)
 
     def __call__(self, tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
-        """Run one token per question of ``questions`` (``tokens [k]`` at ``positions``);
-        returns their ``[k, vocab]`` logits."""
-        device = self.engine.device
-        count, padding = len(questions), self.rows - len(questions)
-        slots = torch.arange(self.next_slot, self.next_slot + count, device=device)
+        """Run ``tokens [k]`` of ``questions`` at ``positions`` in the next ``k`` slots,
+        each seeing the prefix and its question's slots up to its own; returns their
+        ``[k, vocab]`` logits."""
+        count = len(questions)
+        rows = _bucket(count)
+        inputs, run = self.decoder.step(self.capacity, rows)
+        padding = rows - count
+        slots = torch.arange(self.next_slot, self.next_slot + count, device=self.device)
         self.next_slot += count
-        row_owner = torch.tensor(questions + [-3] * padding, device=device)
+        row_owner = torch.tensor(questions + [-3] * padding, device=self.device)
         self.owner[slots] = row_owner[:count]
-        mask = (self.owner[None, :] == row_owner[:, None]) | (self.owner == -1)[None, :]
-        self.inputs["tokens"][:count] = tokens
-        self.inputs["positions"].copy_(self.engine._positions(positions + [0] * padding))
-        self.inputs["mask"].copy_(mask[None, None])
-        self.inputs["slots"].copy_(torch.cat([slots, torch.full((padding,), self.capacity - 1, device=device)]))
-        return self.run()[:count]
-
+        row_slots = torch.cat([slots, torch.full((padding,), self.capacity - 1, device=self.device)])
+        slot = torch.arange(self.capacity, device=self.device)
+        own = (self.owner[None, :] == row_owner[:, None]) & (slot[None, :] <= row_slots[:, None])
+        inputs["tokens"][:count] = tokens
+        inputs["positions"].copy_(self.decoder.engine._positions(positions + [0] * padding))
+        inputs["mask"].copy_((own | (self.owner == -1)[None, :])[None, None])
+        inputs["slots"].copy_(row_slots)
+        return run()[:count]
 
 # ---------------------------------------------------------------------------------------
 # Questions files
