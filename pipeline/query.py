@@ -3,14 +3,22 @@
 STTM never looks at the question, so everything before the question -- the chat
 template's system prompt, the text before the video and the merged video tokens -- is the
 same for every question about a video. ``QueryEngine.prefill`` runs the LLM over that
-prefix once and keeps its KV cache; ``QueryEngine.answer`` runs one question's tokens on
-top of the cache, decodes the answer, and crops the cache back to the prefix, so the next
-question starts from the same state. (Query-aware token reduction cannot do this: its
-video tokens depend on the question.) ``QueryEngine.prefill_and_answer`` does both for a
-video's first question in one forward over prefix and question: attention is causal, so
-the prefix's keys and values do not depend on the question, and cropping the question
-off leaves the same prefix state -- without a second forward (tens of milliseconds of
-per-layer launch overhead on a 7B model) before the first answer token.
+prefix once and keeps its KV cache. ``QueryEngine.answer_all`` answers all of a video's
+questions together on top of it: their prompts in one forward, then one forward per new
+token for all questions still going (a question that ends drops out); the cache after the
+prefix holds the questions' tokens interleaved, and a block mask lets each token see the
+prefix and its own question's tokens only, so each answer is the one the question gets
+alone (STTM_SPEC section 7). Afterwards the cache is cropped back to the prefix.
+``QueryEngine.prefill_and_answer_all`` does both for a video not yet prefilled, with the
+first question's prompt in the prefill's forward: attention is causal, so the prefix's
+keys and values do not depend on it. (Query-aware token reduction cannot share a prefix:
+its video tokens depend on the question.)
+
+On CUDA the forwards after the prefill run on a fixed-capacity copy of the cache and are
+replayed from CUDA graphs, one per (capacity, rows) bucket (``_StaticDecoder``): eager
+transformers spends tens of milliseconds of CPU per forward of a 7B model, which would
+otherwise dominate the answers. Masked attention packs the query heads that share a
+key/value head (``_grouped_query_attention``) instead of copying the keys per head.
 
 How a prompt is built, for a stored token set of ``N`` merged tokens:
 
@@ -29,11 +37,11 @@ How a prompt is built, for a stored token set of ``N`` merged tokens:
      they follow whatever the installed transformers version computes.
 
 Decoding is a plain loop over the model's forward (greedy, or sampling with a
-temperature) rather than ``generate``: ``generate`` derives positions itself, which is
-right for 1-D positions but not for merged 3-D ones.
+temperature, per question: ``Decoding``) rather than ``generate``: ``generate`` derives
+positions itself, which is right for 1-D positions but not for merged 3-D ones.
 
-A ``VideoPrefix`` is used by one question at a time (answering extends its cache and
-crops it back); prefill again for another thread.
+A ``VideoPrefix`` is used by one call at a time (answering extends its cache and crops it
+back); prefill again for another thread.
 """
 from __future__ import annotations
 
