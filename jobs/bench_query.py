@@ -1,21 +1,21 @@
-"""Benchmark the query stage: what merged tokens and a shared prefix save per question.
+"""Benchmark the query stage: a video's questions answered together from one prefix.
 
 For each frame count, grid and retention (1.0 = the full, unmerged tokens), on a
 synthetic token set of the model's hidden size written to and read back from a local
-token store:
+token store, with ``--counts`` questions per video (``--max-new-tokens`` each, greedy):
 
-- ``load``: reading the token set from the store;
-- ``prefill``: running the LLM over the video prefix alone;
-- ``ttft``: time to first token of one question on a cold video, its prompt riding in the
-  prefill's forward as the query stage does for a video's first question
-  (``QueryEngine.prefill_and_answer``), and its speed-up over the full tokens;
-- ``further_ttft``: time to first token of one more question on a prefilled prefix;
-- ``shared`` vs ``fresh``: answering ``--questions`` questions as the query stage does
-  (the first in the prefill's forward, the others from its prefix) vs with a fresh
-  prefill, carrying its question, per question (same greedy answers, so the same work
-  per answer);
-- ``deepcopy`` vs ``crop``: forking the prefix cache per question by copying it vs by
-  cropping the question back off (what the query stage does).
+- ``load``: reading the token set from the store; ``prefill``: the LLM over the prefix;
+- ``video_{n}q``: one video end to end as ``sttm query`` runs it -- load, then
+  ``QueryEngine.prefill_and_answer_all`` (the first question in the prefill's forward,
+  the others' prompts in one more, one forward per new token for all), and its speed-up
+  over the full tokens; ``questions_per_s`` = n / that time;
+- ``answer_{n}q``: the answering phase alone, ``answer_all`` on a prefilled prefix;
+- ``one_by_one_{n}q``: the previous path, side by side: load, the first question in the
+  prefill's forward, then the others one at a time (``answer``), each token a forward;
+- ``further_ttft``: time to first token of one more question on a prefilled prefix,
+  also as a share of the full tokens' prefill;
+- with ``--check``: the share of questions whose answer together equals the answer of a
+  fresh prefill per question, and how far apart their first-token logits are.
 
     python -m jobs.bench_query --model tiny-random:qwen2-vl --frames 8 16 --grids 14 \\
         --retentions 0.5 0.3 --out jobs/results/bench_query_cpu.json
@@ -26,7 +26,6 @@ video decoding is involved (the tokens come from ``jobs.bench_sttm.synthetic_vid
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -41,7 +40,7 @@ import sttm
 from jobs.bench_sttm import synthetic_video
 from pipeline.fingerprint import config_fingerprint
 from pipeline.models import load_adapter
-from pipeline.query import MULTIMODAL_ROPE_POSITIONS, QueryEngine, VideoPrefix
+from pipeline.query import DECODING_STEPS, MULTIMODAL_ROPE_POSITIONS, Decoding, QueryEngine
 from pipeline.store import StoredTokenSet, TokenStore
 
 QUESTIONS = [
@@ -106,78 +105,77 @@ def synchronized_now(device: torch.device) -> float:
 
 
 def bench_one(engine: QueryEngine, store: TokenStore, stored: StoredTokenSet, args) -> dict:
-    """The timings of one token set (seconds)."""
+    """The timings of one token set (seconds) and, with ``args.check``, the agreement of
+    answers together with answers alone."""
     store.write(stored)
-    questions = QUESTIONS[: args.questions]
-    decoding = dict(max_new_tokens=args.max_new_tokens)
+    decoding = Decoding(max_new_tokens=args.max_new_tokens)
+    questions = QUESTIONS[: max(args.counts)]
+
+    def now() -> float:
+        return synchronized_now(engine.device)
+
+    def video(count: int) -> float:
+        start = now()
+        engine.prefill_and_answer_all(store.read(stored.video_id), questions[:count], decoding)
+        return now() - start
+
+    def one_by_one(count: int) -> float:
+        start = now()
+        prefix, _ = engine.prefill_and_answer(store.read(stored.video_id), questions[0], **vars(decoding))
+        for question in questions[1:count]:
+            engine.answer(prefix, question, **vars(decoding))
+        return now() - start
+
+    prefix = engine.prefill(stored)
+
+    def answering(count: int) -> float:
+        start = now()
+        engine.answer_all(prefix, questions[:count], decoding)
+        return now() - start
+
+    def further_first_token() -> float:
+        start = now()
+        engine.answer(prefix, questions[-1], max_new_tokens=1)
+        return now() - start
 
     def load() -> float:
         start = time.perf_counter()
         store.read(stored.video_id)
         return time.perf_counter() - start
 
-    def cold_first_token() -> float:
-        """The fused call's time to first token counts from the start of its prefill."""
-        _, answer = engine.prefill_and_answer(stored, questions[0], max_new_tokens=1)
-        return answer.ttft_s
-
-    def shared() -> list[float]:
-        """Cumulative seconds after 1, 2, ... questions answered from one prefix, the
-        first in its prefill's forward (its times include the prefill)."""
-        prefix, first = engine.prefill_and_answer(stored, questions[0], **decoding)
-        elapsed, cumulative = first.total_s, [first.total_s]
-        for question in questions[1:]:
-            elapsed += engine.answer(prefix, question, **decoding).total_s
-            cumulative.append(elapsed)
-        return cumulative
-
-    def fresh() -> list[float]:
-        """Cumulative seconds after 1, 2, ... questions, each in its own full prefill."""
-        elapsed, cumulative = 0.0, []
-        for question in questions:
-            elapsed += engine.prefill_and_answer(stored, question, **decoding)[1].total_s
-            cumulative.append(elapsed)
-        return cumulative
-
-    def further_question_first_token() -> float:
-        """Time to first token of one more question on an already prefilled prefix."""
-        prefix, _ = engine.prefill_and_answer(stored, questions[0], max_new_tokens=1)
-        return engine.answer(prefix, questions[-1], max_new_tokens=1).ttft_s
-
-    prefix: VideoPrefix = engine.prefill(stored)
-
-    def deepcopy_cache() -> float:
-        start = synchronized_now(engine.device)
-        copy.deepcopy(prefix.cache)
-        return synchronized_now(engine.device) - start
-
-    def crop_cache() -> float:
-        cache = copy.deepcopy(prefix.cache)
-        start = synchronized_now(engine.device)
-        cache.crop(-1)  # a view per layer, whatever the number of tokens removed
-        return synchronized_now(engine.device) - start
-
     repeats = args.repeats
-    shared_runs = [shared() for _ in range(repeats + 1)][1:]  # the first is a warm-up
-    fresh_runs = [fresh() for _ in range(repeats + 1)][1:]
-    per_count = {}
-    for count in sorted({min(3, len(questions)), len(questions)}):
-        per_count[f"shared_{count}q_s"] = statistics.median(run[count - 1] for run in shared_runs)
-        per_count[f"fresh_{count}q_s"] = statistics.median(run[count - 1] for run in fresh_runs)
-    load_s = median_of(load, repeats)
-    ttft_s = median_of(cold_first_token, repeats)
-    return dict(
-        load_s=load_s,
+    timings = dict(
+        load_s=median_of(load, repeats),
         prefill_s=median_of(lambda: engine.prefill(stored).prefill_s, repeats),
-        ttft_s=ttft_s,
-        load_ttft_s=load_s + ttft_s,
-        further_ttft_s=median_of(further_question_first_token, repeats),
-        shared_s=per_count[f"shared_{len(questions)}q_s"],
-        fresh_s=per_count[f"fresh_{len(questions)}q_s"],
-        **per_count,
-        deepcopy_s=median_of(deepcopy_cache, repeats),
-        crop_s=median_of(crop_cache, repeats),
-        prefix_tokens=prefix.length,
+        further_ttft_s=median_of(further_first_token, repeats),
+    )
+    for count in args.counts:
+        timings[f"video_{count}q_s"] = median_of(lambda: video(count), repeats)
+        timings[f"answer_{count}q_s"] = median_of(lambda: answering(count), repeats)
+    if not args.skip_one_by_one:
+        timings[f"one_by_one_{max(args.counts)}q_s"] = median_of(lambda: one_by_one(max(args.counts)), max(1, repeats // 2))
+    result = dict(prefix_tokens=prefix.length, timings=timings)
+    if args.check:
+        result["check"] = agreement(engine, stored, prefix, questions, decoding)
+    return result
+
+
+def agreement(engine: QueryEngine, stored: StoredTokenSet, prefix, questions: list[str], decoding: Decoding) -> dict:
+    """How answers together compare with a fresh prefill per question: the share of
+    equal answers (token for token), of equal first tokens, and the largest absolute
+    difference of first-token logits (float32, relative to their spread)."""
+    _, together = engine.prefill_and_answer_all(stored, questions, decoding)
+    alone = [engine.prefill_and_answer(stored, question, **vars(decoding))[1] for question in questions]
+    logits_together = engine.next_token_logits_all(prefix, questions)
+    logits_alone = torch.stack([engine.next_token_logits(engine.prefill(stored), question) for question in questions])
+    difference = (logits_together - logits_alone).abs().amax(dim=-1)
+    spread = logits_alone.std(dim=-1)
+    return dict(
+        equal_answers=sum(a.token_ids == b.token_ids for a, b in zip(together, alone)) / len(questions),
+        equal_first_tokens=sum(a.token_ids[:1] == b.token_ids[:1] for a, b in zip(together, alone)) / len(questions),
+        first_logits_max_abs_diff=round(float(difference.max()), 5),
+        first_logits_max_abs_diff_over_std=round(float((difference / spread).max()), 5),
+        first_logits_top1_equal=float((logits_together.argmax(-1) == logits_alone.argmax(-1)).float().mean()),
     )
 
 
@@ -187,58 +185,60 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 16], help="T of the token grid")
     parser.add_argument("--grids", type=int, nargs="+", default=[14], help="H = W of the token grid")
     parser.add_argument("--retentions", type=float, nargs="+", default=[0.5, 0.3])
-    parser.add_argument("--questions", type=int, default=8, choices=range(1, len(QUESTIONS) + 1))
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 3, 10], help="questions per video")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--check", action="store_true", help="also compare answers together with answers alone")
+    parser.add_argument("--skip-one-by-one", action="store_true", help="do not time the previous path")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--decoding-steps", default="auto", choices=DECODING_STEPS, help="QueryEngine's decoding_steps")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if max(args.counts) > len(QUESTIONS):
+        parser.error(f"at most {len(QUESTIONS)} questions per video")
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    engine = QueryEngine(args.model, device=args.device, dtype=dtype)
+    engine = QueryEngine(args.model, device=args.device, dtype=dtype, decoding_steps=args.decoding_steps)
     fingerprint = load_adapter(args.model, device="cpu", dtype=engine.dtype).fingerprint
+    most = max(args.counts)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-query-") as store_dir:
         store = TokenStore(store_dir)
         for side in args.grids:
             for frames in args.frames:
-                full_ttft_s = full_prefill_s = None
+                full = None
                 for retention in [1.0, *args.retentions]:
                     stored = synthetic_token_set(engine, fingerprint, frames, side, retention)
-                    timings = bench_one(engine, store, stored, args)
-                    full_ttft_s = full_ttft_s or timings["load_ttft_s"]
-                    full_prefill_s = full_prefill_s or timings["prefill_s"]
-                    rows.append(dict(
+                    measured = bench_one(engine, store, stored, args)
+                    timings = measured["timings"]
+                    full = full or timings
+                    row = dict(
                         frames=frames, grid=f"{side}x{side}", target_retention=retention,
                         retention=round(stored.tokens.retention, 4), visual_tokens=stored.num_tokens,
-                        prefix_tokens=timings.pop("prefix_tokens"),
-                        **{key.replace("_s", "_ms"): round(value * 1e3, 3) for key, value in timings.items()},
-                        ttft_speedup=round(full_ttft_s / timings["load_ttft_s"], 2),
-                        further_question_vs_full_prefill=round(timings["further_ttft_s"] / full_prefill_s, 4),
-                        shared_speedup=round(timings["fresh_s"] / timings["shared_s"], 2),
-                    ))  # fmt: skip
-                    print_row(rows[-1], args.questions)
+                        prefix_tokens=measured["prefix_tokens"],
+                        **{key.removesuffix("_s") + "_ms": round(value * 1e3, 3) for key, value in timings.items()},
+                        **{f"video_{n}q_speedup": round(full[f"video_{n}q_s"] / timings[f"video_{n}q_s"], 2) for n in args.counts},
+                        questions_per_s=round(most / timings[f"video_{most}q_s"], 2),
+                        further_ttft_vs_full_prefill=round(timings["further_ttft_s"] / full["prefill_s"], 4),
+                    )  # fmt: skip
+                    if f"one_by_one_{most}q_s" in timings:
+                        row["together_vs_one_by_one"] = round(timings[f"one_by_one_{most}q_s"] / timings[f"video_{most}q_s"], 2)
+                    if "check" in measured:
+                        row["check"] = measured["check"]
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
 
     device = engine.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = dict(benchmark="query", model=args.model, device=device.type, device_name=device_name,
-                  torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(), dtype=str(engine.dtype).removeprefix("torch."),
-                  questions=args.questions, max_new_tokens=args.max_new_tokens, repeats=args.repeats, rows=rows)  # fmt: skip
+                  torch=torch.__version__, transformers=transformers.__version__, threads=torch.get_num_threads(),
+                  dtype=str(engine.dtype).removeprefix("torch."), counts=args.counts, decoding_steps=args.decoding_steps,
+                  max_new_tokens=args.max_new_tokens, repeats=args.repeats, rows=rows)  # fmt: skip
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     return rows
-
-
-def print_row(row: dict, questions: int) -> None:
-    if not hasattr(print_row, "printed"):
-        print(f"{'T':>4} {'grid':>6} {'kept':>6} {'N':>6} {'load ms':>8} {'prefill ms':>10} {'TTFT ms':>8} "
-              f"{'x full':>6} {f'{questions}q shared ms':>15} {'fresh ms':>9} {'x':>5} {'deepcopy ms':>11} {'crop ms':>8}")  # fmt: skip
-        print_row.printed = True
-    print(f"{row['frames']:>4} {row['grid']:>6} {row['retention']:>6.3f} {row['visual_tokens']:>6} {row['load_ms']:>8.2f} "
-          f"{row['prefill_ms']:>10.2f} {row['ttft_ms']:>8.2f} {row['ttft_speedup']:>6.2f} {row['shared_ms']:>15.2f} "
-          f"{row['fresh_ms']:>9.2f} {row['shared_speedup']:>5.2f} {row['deepcopy_ms']:>11.3f} {row['crop_ms']:>8.3f}")  # fmt: skip
 
 
 if __name__ == "__main__":

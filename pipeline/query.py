@@ -3,14 +3,22 @@
 STTM never looks at the question, so everything before the question -- the chat
 template's system prompt, the text before the video and the merged video tokens -- is the
 same for every question about a video. ``QueryEngine.prefill`` runs the LLM over that
-prefix once and keeps its KV cache; ``QueryEngine.answer`` runs one question's tokens on
-top of the cache, decodes the answer, and crops the cache back to the prefix, so the next
-question starts from the same state. (Query-aware token reduction cannot do this: its
-video tokens depend on the question.) ``QueryEngine.prefill_and_answer`` does both for a
-video's first question in one forward over prefix and question: attention is causal, so
-the prefix's keys and values do not depend on the question, and cropping the question
-off leaves the same prefix state -- without a second forward (tens of milliseconds of
-per-layer launch overhead on a 7B model) before the first answer token.
+prefix once and keeps its KV cache. ``QueryEngine.answer_all`` answers all of a video's
+questions together on top of it: their prompts in one forward, then one forward per new
+token for all questions still going (a question that ends drops out); the cache after the
+prefix holds the questions' tokens interleaved, and a block mask lets each token see the
+prefix and its own question's tokens only, so each answer is the one the question gets
+alone (STTM_SPEC section 7). Afterwards the cache is cropped back to the prefix.
+``QueryEngine.prefill_and_answer_all`` does both for a video not yet prefilled, with the
+first question's prompt in the prefill's forward: attention is causal, so the prefix's
+keys and values do not depend on it. (Query-aware token reduction cannot share a prefix:
+its video tokens depend on the question.)
+
+On CUDA the forwards after the prefill run on a fixed-capacity copy of the cache and are
+replayed from CUDA graphs, one per (capacity, rows) bucket (``_StaticDecoder``): eager
+transformers spends tens of milliseconds of CPU per forward of a 7B model, which would
+otherwise dominate the answers. Masked attention packs the query heads that share a
+key/value head (``_grouped_query_attention``) instead of copying the keys per head.
 
 How a prompt is built, for a stored token set of ``N`` merged tokens:
 
@@ -30,11 +38,11 @@ How a prompt is built, for a stored token set of ``N`` merged tokens:
    ``PromptLayout`` (``pipeline.models``); this module never looks at the model type.
 
 Decoding is a plain loop over the model's forward (greedy, or sampling with a
-temperature) rather than ``generate``: ``generate`` derives positions itself, which is
-right for 1-D positions but not for merged 3-D ones.
+temperature, per question: ``Decoding``) rather than ``generate``: ``generate`` derives
+positions itself, which is right for 1-D positions but not for merged 3-D ones.
 
-A ``VideoPrefix`` is used by one question at a time (answering extends its cache and
-crops it back); prefill again for another thread.
+A ``VideoPrefix`` is used by one call at a time (answering extends its cache and crops it
+back); prefill again for another thread.
 """
 from __future__ import annotations
 
@@ -47,10 +55,80 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoTokenizer, DynamicCache, ProcessorMixin
+from transformers import AttentionInterface, AutoModelForImageTextToText, AutoTokenizer, DynamicCache, ProcessorMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipeline.models import IncompatibleTokenSetError, load_adapter, prompt_layout, resolve_model
 from pipeline.store import StoredTokenSet, StoreError, TokenStore
+
+# The language model's attention: SDPA, with grouped-query heads packed under a mask.
+GROUPED_QUERY_ATTENTION = "sttm_grouped_query_sdpa"
+DECODING_STEPS = ("auto", "dynamic", "static", "graphs")
+# Masked attention with at most this many scores (query rows x keys x key/value heads)
+# runs as two matrix products instead of SDPA.
+MATH_ATTENTION_MAX_SCORES = 2**26
+
+
+def _grouped_query_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention, but under a mask (questions answered together) the
+    query heads that share a key/value head are stacked along the query axis
+    (``[B, H_kv, G * n, D]``), so SDPA reads each key/value head once instead of
+    transformers' ``repeat_kv`` copies of the whole cache (masked SDPA with
+    ``enable_gqa`` falls back to its math kernel on CUDA). The mask must be the same for
+    all heads (``[B, 1, n, S]``)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if attention_mask is None or groups == 1 or attention_mask.shape[1] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, heads, length, dim = query.shape
+    packed_query = query.reshape(batch, heads // groups, groups * length, dim)
+    packed_mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(attention_mask.shape[0], 1, groups * length, -1)
+    scale = kwargs.get("scaling") or dim**-0.5
+    if packed_query.shape[1] * packed_query.shape[2] * key.shape[2] <= MATH_ATTENTION_MAX_SCORES:
+        # Few query rows on a long cache: SDPA's kernels run one block of queries per
+        # head over all keys (few busy SMs), where matrix products use the whole GPU.
+        scores = torch.matmul(packed_query.float(), key.float().transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~packed_mask, float("-inf")) if packed_mask.dtype == torch.bool else scores + packed_mask
+        output = torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
+    else:
+        output = torch.nn.functional.scaled_dot_product_attention(packed_query, key, value, attn_mask=packed_mask, scale=scale)
+    return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(GROUPED_QUERY_ATTENTION, _grouped_query_attention)
+AttentionMaskInterface.register(GROUPED_QUERY_ATTENTION, sdpa_mask)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How an answer is decoded: greedy (the default), or with ``do_sample`` each token
+    drawn from ``softmax(logits / temperature)`` (float32 logits) with a generator of its
+    own seeded by ``seed``, so that the answer repeats (``None``: torch's global RNG);
+    until the model's end-of-turn token or ``max_new_tokens`` tokens."""
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
+
+
+def _per_question(decoding: Decoding | Sequence[Decoding], questions: Sequence[str]) -> list[Decoding]:
+    """One ``Decoding`` per question (``decoding``: one for all or one each)."""
+    if isinstance(questions, str):
+        raise TypeError("questions should be a sequence of strings, not one string")
+    if not questions:
+        raise ValueError("no questions to answer")
+    if isinstance(decoding, Decoding):
+        return [decoding] * len(questions)
+    if len(decoding) != len(questions):
+        raise ValueError(f"{len(decoding)} decoding options for {len(questions)} questions")
+    return list(decoding)
 
 
 
@@ -117,9 +195,23 @@ class QueryEngine:
         model_spec: a checkpoint directory, a hub id, or ``tiny-random:<family>``.
         device: where the model runs.
         dtype: model dtype; ``None`` keeps the checkpoint's.
+        decoding_steps: how the decoding steps run (one forward per new token for all
+            questions still going): ``"dynamic"`` on the growing cache, eager;
+            ``"static"`` on a fixed-capacity cache, eager; ``"graphs"`` that, captured
+            once per shape bucket in CUDA graphs and replayed (CUDA only); ``"auto"``:
+            graphs on CUDA, else dynamic.
     """
 
-    def __init__(self, model_spec: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model_spec: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        *,
+        decoding_steps: str = "auto",
+    ):
+        if decoding_steps not in DECODING_STEPS:
+            raise ValueError(f"decoding_steps must be one of {DECODING_STEPS}, got {decoding_steps!r}")
         model_path = resolve_model(model_spec)
         self.model_spec = model_spec
         self.model = AutoModelForImageTextToText.from_pretrained(model_path, dtype=dtype or "auto").to(device).eval()
@@ -139,6 +231,14 @@ class QueryEngine:
         self._encoder_fingerprints: dict[torch.dtype, str] = {}
         # Every prompt's text before the video: the question comes after the video.
         self._text_before_video = tuple(self._prompt_ids("")[0])
+        self._multimodal_text_positions = self._text_positions(0, 1).dim() == 3
+        # Questions answered together run under block masks (see `_grouped_query_attention`).
+        self.model.config.get_text_config()._attn_implementation = GROUPED_QUERY_ATTENTION
+        if decoding_steps == "auto":
+            decoding_steps = "graphs" if self.device.type == "cuda" else "dynamic"
+        if decoding_steps == "graphs" and self.device.type != "cuda":
+            raise ValueError(f"decoding_steps 'graphs' needs a CUDA device, got {self.device}")
+        self._static_decoder = None if decoding_steps == "dynamic" else _StaticDecoder(self, use_graphs=decoding_steps == "graphs")
 
     # -- prefix ----------------------------------------------------------------------------
 
@@ -164,26 +264,37 @@ class QueryEngine:
         temperature: float = 1.0,
         seed: int | None = None,
     ) -> tuple[VideoPrefix, Answer]:
-        """``prefill(stored)`` and ``answer(prefix, question, ...)`` with the question's
-        prompt in the prefill's forward: that one forward gives the first answer token,
-        decoding goes on as in ``answer``, and the cache is cropped back to the prefix, so
-        the returned prefix serves further questions exactly as ``prefill``'s would.
+        """``prefill_and_answer_all`` for one question."""
+        decoding = Decoding(max_new_tokens, do_sample, temperature, seed)
+        prefix, (answer,) = self.prefill_and_answer_all(stored, [question], decoding)
+        return prefix, answer
 
-        Timings: the prefix's ``prefill_s`` is the time of that one forward (prefix and
-        question prompt); the answer's ``ttft_s`` and ``total_s`` count from the start of
-        the prefill, which they include.
+    @torch.inference_mode()
+    def prefill_and_answer_all(
+        self, stored: StoredTokenSet, questions: Sequence[str], decoding: Decoding | Sequence[Decoding] = Decoding()
+    ) -> tuple[VideoPrefix, list[Answer]]:
+        """``prefill(stored)`` and ``answer_all(prefix, questions, decoding)`` with the
+        first question's prompt in the prefill's forward: that one forward gives the first
+        question's first answer token, the other questions' prompts run together in a
+        second one (none for a single question), decoding goes on as in ``answer_all``,
+        and the cache is cropped back to the prefix, so the returned prefix serves further
+        questions exactly as ``prefill``'s would.
 
-        Raises what ``prefill`` and ``answer`` raise, before running the model.
+        Timings: the prefix's ``prefill_s`` is the time of the prefill's forward (prefix
+        and first question prompt); every answer's ``ttft_s`` and ``total_s`` count from
+        the start of the prefill, which they include.
+
+        Raises what ``prefill`` and ``answer_all`` raise, before running the model.
         """
-        sample = self._sampler(max_new_tokens, do_sample, temperature, seed)
+        decodings = _per_question(decoding, questions)
+        question_ids = [self._question_ids(question) for question in questions]
         self.check(stored)
         start = self._now()
-        question_ids = self._question_ids(question)
-        prefix, logits = self._prefill(stored, question_ids, start)
+        prefix, logits = self._prefill(stored, question_ids[0], start)
         # No try/finally: when decoding fails, the prefix and its cache are never handed out.
-        answer = self._decode(prefix, question_ids, logits, sample, max_new_tokens, start)
+        answers = self._answer_together(prefix, question_ids, decodings, start, first_logits=logits)
         self._crop_to_prefix(prefix)
-        return prefix, answer
+        return prefix, answers
 
     def _prefill(
         self, stored: StoredTokenSet, question_ids: list[int], start: float
@@ -256,81 +367,211 @@ class QueryEngine:
         temperature: float = 1.0,
         seed: int | None = None,
     ) -> Answer:
-        """Answer ``question`` about the video of ``prefix`` from its cached prefix.
+        """Answer ``question`` about the video of ``prefix`` from its cached prefix
+        (``answer_all`` for one question; see ``Decoding`` for the options)."""
+        return self.answer_all(prefix, [question], Decoding(max_new_tokens, do_sample, temperature, seed))[0]
 
-        Greedy decoding by default; ``do_sample`` draws from ``softmax(logits /
-        temperature)`` with a generator seeded by ``seed`` (``None``: torch's global RNG).
-        Stops at the model's end-of-turn token or after ``max_new_tokens``.
+    @torch.inference_mode()
+    def answer_all(
+        self, prefix: VideoPrefix, questions: Sequence[str], decoding: Decoding | Sequence[Decoding] = Decoding()
+    ) -> list[Answer]:
+        """Answer all ``questions`` about the video of ``prefix`` together: their prompts
+        in one forward on top of the cached prefix, then one forward per new token for all
+        the questions still going. ``decoding``: one for all questions or one per question.
+        Each question sees the prefix and its own tokens only, so its answer is the one it
+        gets alone (STTM_SPEC section 7). Leaves the prefix as it was. Answer times count
+        from the start of this call.
         """
-        sample = self._sampler(max_new_tokens, do_sample, temperature, seed)
+        decodings = _per_question(decoding, questions)
+        question_ids = [self._question_ids(question) for question in questions]
         start = self._now()
-        question_ids = self._question_ids(question)
         try:
-            logits = self._forward(
-                self._embed(question_ids)[None], self._text_positions(prefix.text_position, len(question_ids)), prefix.cache
-            )
-            return self._decode(prefix, question_ids, logits, sample, max_new_tokens, start)
+            return self._answer_together(prefix, question_ids, decodings, start)
         finally:
             self._crop_to_prefix(prefix)
 
     @torch.inference_mode()
     def next_token_logits(self, prefix: VideoPrefix, question: str) -> torch.Tensor:
         """float32 ``[vocab]`` logits of the first answer token (leaves the prefix as it was)."""
-        question_ids = self._question_ids(question)
+        return self.next_token_logits_all(prefix, [question])[0]
+
+    @torch.inference_mode()
+    def next_token_logits_all(self, prefix: VideoPrefix, questions: Sequence[str]) -> torch.Tensor:
+        """float32 ``[count, vocab]`` logits of each question's first answer token, the
+        questions run together as in ``answer_all`` (leaves the prefix as it was)."""
+        _per_question(Decoding(), questions)
+        question_ids = [self._question_ids(question) for question in questions]
         try:
-            logits = self._forward(
-                self._embed(question_ids)[None], self._text_positions(prefix.text_position, len(question_ids)), prefix.cache
-            )
+            return self._prompt_logits(prefix, question_ids)[0].float()
         finally:
             self._crop_to_prefix(prefix)
-        return logits.float()
 
-    def _sampler(
-        self, max_new_tokens: int, do_sample: bool, temperature: float, seed: int | None
-    ) -> Callable[[torch.Tensor], int]:
-        """Check the decoding options; returns how a token is picked from float32 logits:
-        their argmax, or with ``do_sample`` a draw from ``softmax(logits / temperature)``
-        (a new generator seeded by ``seed``, so that each answer repeats; ``None``: torch's
-        global RNG)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not do_sample:
-            return lambda logits: int(logits.argmax())
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        generator = None if seed is None else torch.Generator(self.device).manual_seed(seed)
-        return lambda logits: int(torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=generator))
-
-    def _decode(
+    def _answer_together(
         self,
         prefix: VideoPrefix,
-        question_ids: list[int],
-        logits: torch.Tensor,
-        sample: Callable[[torch.Tensor], int],
-        max_new_tokens: int,
+        question_ids: list[list[int]],
+        decodings: list[Decoding],
         start: float,
-    ) -> Answer:
-        """Decode an answer from ``logits``, the first answer token's, which the question's
-        prompt (now in ``prefix.cache``) gave. Each generated token extends the cache (the
-        caller crops it back); ``ttft_s`` and ``total_s`` count from ``start``."""
-        generated: list[int] = []
-        logprobs: list[float] = []
-        ttft_s = None
+        first_logits: torch.Tensor | None = None,
+    ) -> list[Answer]:
+        """Decode the answers to the questions of ``question_ids`` (prompt token ids after
+        the video) on top of ``prefix.cache``, which grows (the caller crops it back).
+
+        ``first_logits``: the first question's first-token logits ``[vocab]`` when its
+        prompt is already in the cache (the prefill's forward ran it); the other prompts
+        run here in one forward. Then every step runs one token of each question still
+        going, in one forward, and reads the chosen tokens back once (the only host sync
+        of a step). The cache after the prefix holds the questions' tokens interleaved;
+        ``owner`` says whose each is, and a block mask lets each token see the prefix and
+        its own question's earlier tokens only. Alone, a question needs no mask: its
+        tokens follow the prefix in order. With static decoding (``QueryEngine``'s
+        ``decoding_steps``) the steps run on a fixed-capacity copy of the cache instead
+        (``_StaticDecoder``), on CUDA as graph replays; ``prefix.cache`` then keeps the
+        prompts only. ``ttft_s`` and ``total_s`` count from ``start``.
+        """
+        count = len(question_ids)
+        together = count > 1
+        most_steps = max(decoding.max_new_tokens for decoding in decodings) - 1
+        if self._static_decoder is None:
+            logits, owner = self._prompt_logits(prefix, question_ids, first_logits)
+
+            def step(tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
+                nonlocal owner
+                embeds = self.model.get_input_embeddings()(tokens)
+                at = torch.arange(len(questions), device=self.device)
+                logits, owner = self._forward_together(prefix, owner, embeds, positions, questions, together, logits_at=at)
+                return logits
+
+        else:
+            first = [] if first_logits is None else [first_logits[None]]
+            prompts = range(len(first), count)
+            prompt_tokens = [token for q in prompts for token in question_ids[q]]
+            step = self._static_decoder.start(prefix, len(prompt_tokens), count, most_steps)
+            step.begin(prefix.length, [0] * (len(question_ids[0]) if first else 0))
+            if prompts:
+                last_tokens = torch.tensor([len(question_ids[q]) for q in prompts], device=self.device).cumsum(0) - 1
+                prompt_logits = step(
+                    torch.tensor(prompt_tokens, device=self.device),
+                    [prefix.text_position + i for q in prompts for i in range(len(question_ids[q]))],
+                    [q for q in prompts for _ in question_ids[q]],
+                )
+                first.append(prompt_logits[last_tokens])
+            logits = torch.cat(first)
+
+        generators = [
+            torch.Generator(self.device).manual_seed(d.seed) if d.do_sample and d.seed is not None else None for d in decodings
+        ]
+        generated: list[list[int]] = [[] for _ in range(count)]
+        logprobs: list[list[float]] = [[] for _ in range(count)]
+        ttft_s: list[float | None] = [None] * count
+        total_s: list[float | None] = [None] * count
+        going = list(range(count))  # the questions whose rows `logits` holds
         while True:
             logits = logits.float()
-            token = sample(logits)
-            if ttft_s is None:
-                ttft_s = self._now() - start
-            if token in self.eos_token_ids:
+            tokens = logits.argmax(dim=-1)
+            for row, q in enumerate(going):
+                if decodings[q].do_sample:
+                    probabilities = torch.softmax(logits[row] / decodings[q].temperature, dim=-1)
+                    tokens[row] = torch.multinomial(probabilities, 1, generator=generators[q])[0]
+            token_logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+            # token ids are exact in float64: one read-back for both
+            chosen, chosen_logprobs = torch.stack([tokens.double(), token_logprobs.double()]).tolist()
+            now = self._now() - start
+            still_going = []
+            for row, q in enumerate(going):
+                token = int(chosen[row])
+                if ttft_s[q] is None:
+                    ttft_s[q] = now
+                if token in self.eos_token_ids:
+                    total_s[q] = now
+                    continue
+                generated[q].append(token)
+                logprobs[q].append(chosen_logprobs[row])
+                if len(generated[q]) == decodings[q].max_new_tokens:
+                    total_s[q] = now
+                    continue
+                still_going.append(row)
+            going = [going[row] for row in still_going]
+            if not going:
                 break
-            generated.append(token)
-            logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
-            if len(generated) == max_new_tokens:
-                break
-            position = prefix.text_position + len(question_ids) + len(generated) - 1
-            logits = self._forward(self._embed([token])[None], self._text_positions(position, 1), prefix.cache)
-        text = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
-        return Answer(text, generated, logprobs, len(question_ids), ttft_s, self._now() - start)
+            rows = torch.tensor(still_going, device=self.device)
+            positions = [prefix.text_position + len(question_ids[q]) + len(generated[q]) - 1 for q in going]
+            logits = step(tokens[rows], positions, going)
+        return [
+            Answer(
+                self.tokenizer.decode(generated[q], skip_special_tokens=True).strip(),
+                generated[q],
+                logprobs[q],
+                len(question_ids[q]),
+                ttft_s[q],
+                total_s[q],
+            )
+            for q in range(count)
+        ]
+
+    def _prompt_logits(
+        self, prefix: VideoPrefix, question_ids: list[list[int]], first_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the prompts of ``question_ids`` on top of ``prefix.cache`` in one forward
+        (the first one's is already there when ``first_logits`` is given); returns the
+        first answer token's logits ``[count, vocab]`` and ``owner``, the question of each
+        cache slot after the prefix."""
+        together = len(question_ids) > 1
+        logits = [] if first_logits is None else [first_logits[None]]
+        owner = torch.zeros(len(question_ids[0]) if logits else 0, dtype=torch.long, device=self.device)
+        prompts = range(len(logits), len(question_ids))
+        if prompts:
+            tokens = [token for q in prompts for token in question_ids[q]]
+            last_tokens = torch.tensor([len(question_ids[q]) for q in prompts], device=self.device).cumsum(0) - 1
+            prompt_logits, owner = self._forward_together(
+                prefix,
+                owner,
+                self._embed(tokens),
+                [prefix.text_position + i for q in prompts for i in range(len(question_ids[q]))],
+                [q for q in prompts for _ in question_ids[q]],
+                together,
+                logits_at=last_tokens,
+            )
+            logits.append(prompt_logits)
+        return torch.cat(logits), owner
+
+    def _forward_together(
+        self,
+        prefix: VideoPrefix,
+        owner: torch.Tensor,
+        embeds: torch.Tensor,
+        positions: list[int],
+        rows: list[int],
+        together: bool,
+        logits_at: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``embeds [n, C]``, tokens of the questions ``rows`` at ``positions``, on
+        top of ``prefix.cache`` (after the prefix: slots of the questions ``owner``),
+        under the block mask when questions are answered ``together``. Returns the logits
+        at ``logits_at`` (``[k, vocab]``) and the owners with the new slots."""
+        row_owner = torch.tensor(rows, device=self.device)
+        owner = torch.cat([owner, row_owner])
+        mask = self._block_mask(prefix.length, owner, row_owner) if together else None
+        positions = self._positions(positions)
+        return self._forward(embeds[None], positions, prefix.cache, attention_mask=mask, logits_at=logits_at), owner
+
+    @staticmethod
+    def _block_mask(prefix_length: int, owner: torch.Tensor, row_owner: torch.Tensor) -> torch.Tensor:
+        """``[1, 1, n, prefix_length + S]`` boolean attention mask (true: attend) of the
+        ``n`` newest cache slots, whose questions are ``row_owner [n]``: each sees the
+        prefix and the slots of its own question (``owner [S]``, the question of each slot
+        after the prefix, the ``n`` new ones last) up to itself."""
+        n, slots = row_owner.numel(), owner.numel()
+        slot = torch.arange(slots, device=owner.device)
+        own = (owner[None, :] == row_owner[:, None]) & (slot[None, :] <= slot[slots - n :, None])
+        prefix = torch.ones(n, prefix_length, dtype=torch.bool, device=owner.device)
+        return torch.cat([prefix, own], dim=1)[None, None]
+
+    def _positions(self, positions: list[int]) -> torch.Tensor:
+        """Positions of text tokens, any order: ``[1, n]`` or, for multimodal rotary, the
+        same on all three axes ``[3, 1, n]`` (as ``_text_positions``)."""
+        tensor = torch.tensor(positions, device=self.device)[None]
+        return tensor[None].expand(3, 1, -1) if self._multimodal_text_positions else tensor
 
     @staticmethod
     def _crop_to_prefix(prefix: VideoPrefix) -> None:
@@ -378,19 +619,186 @@ class QueryEngine:
         dtype keeps an empty list from becoming a float tensor)."""
         return self.family.embed(token_ids)
 
-    def _forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
+    def _forward(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: DynamicCache,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run ``embeds [1, n, C]`` at ``position_ids`` on top of ``cache`` (which grows by
-        ``n``); returns the last position's logits ``[vocab]``."""
+        ``n``), causally or under ``attention_mask`` (``[1, 1, n, cached + n]``, true:
+        attend); returns the last position's logits ``[vocab]``, or with ``logits_at``
+        (``[k]`` indices among the ``n``) those positions' ``[k, vocab]``."""
         output = self.model(
-            inputs_embeds=embeds, position_ids=position_ids, use_cache=True, logits_to_keep=1, **{self._cache_argument: cache}
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=1 if logits_at is None else logits_at,
+            **{self._cache_argument: cache},
         )
-        return output.logits[0, -1]
+        return output.logits[0, -1] if logits_at is None else output.logits[0]
 
     def _now(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+
+class _SlotCache(DynamicCache):
+    """A fixed-capacity key/value cache for decoding steps: per layer ``[1, H_kv, S, D]``
+    buffers; each forward writes its new keys and values at the slots ``slots`` (``[n]``,
+    set before the forward) and attends over all ``S`` slots under the step's mask.
+    Fixed shapes and addresses are what a CUDA graph needs. (A ``DynamicCache`` subclass
+    so that the models take it as a cache; none of its own storage is used.)"""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], slots: torch.Tensor):
+        super().__init__()
+        self.buffer_keys, self.buffer_values, self.slots = keys, values, slots
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.buffer_keys[layer_idx].index_copy_(2, self.slots, key_states)
+        self.buffer_values[layer_idx].index_copy_(2, self.slots, value_states)
+        return self.buffer_keys[layer_idx], self.buffer_values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.buffer_keys[layer_idx].shape[2]
+
+
+class _StaticDecoder:
+    """Decoding steps on fixed-capacity caches, on CUDA replayed from CUDA graphs.
+
+    Capacities come in buckets of ``CAPACITY_STEP`` slots and row counts in powers of
+    two, so videos of similar length share buffers and graphs: one graph per (capacity,
+    rows) bucket, captured on its first use. A step's unused rows write to the last slot,
+    which no mask shows, and see the prefix only. Keeps the buffers of the
+    ``KEEP_CAPACITIES`` most recently used capacities.
+    """
+
+    CAPACITY_STEP = 4096
+    KEEP_CAPACITIES = 2
+
+    def __init__(self, engine: "QueryEngine", use_graphs: bool):
+        self.engine = engine
+        self.use_graphs = use_graphs
+        self.buffers: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.steps: dict[tuple[int, int], Callable[[], torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
+
+    def start(self, prefix: VideoPrefix, prompt_tokens: int, questions: int, most_steps: int) -> "_StaticRun":
+        """Copy ``prefix.cache`` (the prefix and maybe a first prompt) into a cache with
+        room for ``prompt_tokens`` more, ``most_steps`` steps of ``questions`` tokens and
+        a spare slot."""
+        cached = prefix.cache.layers[0].get_seq_length()
+        step = self.CAPACITY_STEP
+        capacity = -(-(cached + prompt_tokens + _bucket(questions) * most_steps + 1) // step) * step
+        keys, values = self._buffers(prefix.cache, capacity)
+        for layer, key, value in zip(prefix.cache.layers, keys, values):
+            key[:, :, :cached].copy_(layer.keys)
+            value[:, :, :cached].copy_(layer.values)
+        return _StaticRun(self, capacity, cached)
+
+    def _buffers(self, cache: DynamicCache, capacity: int):
+        if capacity not in self.buffers:
+            while len(self.buffers) >= self.KEEP_CAPACITIES:
+                dropped = next(iter(self.buffers))
+                del self.buffers[dropped]
+                self.steps = {key: step for key, step in self.steps.items() if key[0] != dropped}
+            self.buffers[capacity] = tuple(
+                [torch.zeros(*getattr(layer, kind).shape[:2], capacity, getattr(layer, kind).shape[3], dtype=getattr(layer, kind).dtype, device=self.engine.device) for layer in cache.layers]
+                for kind in ("keys", "values")
+            )
+        self.buffers[capacity] = self.buffers.pop(capacity)  # most recently used last
+        return self.buffers[capacity]
+
+    def step(self, capacity: int, rows: int) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
+        """The static inputs (``tokens [rows]``, ``positions``, ``mask [1, 1, rows,
+        capacity]``, ``slots [rows]``) of the step of this bucket and the function that
+        runs it (a graph replay on CUDA), returning ``[rows, vocab]`` logits."""
+        key = (capacity, rows)
+        if key not in self.steps:
+            engine = self.engine
+            device = engine.device
+            inputs = dict(
+                tokens=torch.zeros(rows, dtype=torch.long, device=device),
+                positions=engine._positions([0] * rows).clone(),
+                mask=torch.zeros(1, 1, rows, capacity, dtype=torch.bool, device=device),
+                slots=torch.full((rows,), capacity - 1, dtype=torch.long, device=device),
+            )
+            inputs["mask"][..., 0] = True
+            cache = _SlotCache(*self.buffers[capacity], inputs["slots"])
+
+            def run() -> torch.Tensor:
+                embeds = engine.model.get_input_embeddings()(inputs["tokens"])[None]
+                output = engine.model(
+                    inputs_embeds=embeds, position_ids=inputs["positions"], attention_mask=inputs["mask"],
+                    use_cache=True, logits_to_keep=rows, **{engine._cache_argument: cache},
+                )  # fmt: skip
+                return output.logits[0]
+
+            if self.use_graphs:
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # warm-up: lazy initializations stay out of the graph
+                        run()
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = run()
+
+                def replay(graph=graph, logits=logits) -> torch.Tensor:
+                    graph.replay()
+                    return logits
+
+                self.steps[key] = (inputs, replay)
+            else:
+                self.steps[key] = (inputs, run)
+        return self.steps[key]
+
+
+def _bucket(rows: int) -> int:
+    """Rows of the step that runs ``rows`` tokens: the next power of two."""
+    return 1 << (rows - 1).bit_length()
+
+
+class _StaticRun:
+    """The forwards of one ``answer_all`` on a ``_StaticDecoder``'s buffers; slot ``j``
+    holds a token of question ``owner[j]`` (-1: the prefix; -2: nothing yet)."""
+
+    def __init__(self, decoder: _StaticDecoder, capacity: int, cached: int):
+        self.decoder, self.capacity, self.next_slot = decoder, capacity, cached
+        self.device = decoder.engine.device
+
+    def begin(self, prefix_length: int, owner: list[int]) -> None:
+        """``owner``: the question of each slot after the prefix so far."""
+        self.owner = torch.full((self.capacity,), -2, dtype=torch.long, device=self.device)
+        self.owner[:prefix_length] = -1
+        self.owner[prefix_length : self.next_slot] = torch.tensor(owner, dtype=torch.long, device=self.device)
+
+    def __call__(self, tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
+        """Run ``tokens [k]`` of ``questions`` at ``positions`` in the next ``k`` slots,
+        each seeing the prefix and its question's slots up to its own; returns their
+        ``[k, vocab]`` logits."""
+        count = len(questions)
+        rows = _bucket(count)
+        inputs, run = self.decoder.step(self.capacity, rows)
+        padding = rows - count
+        slots = torch.arange(self.next_slot, self.next_slot + count, device=self.device)
+        self.next_slot += count
+        row_owner = torch.tensor(questions + [-3] * padding, device=self.device)
+        self.owner[slots] = row_owner[:count]
+        row_slots = torch.cat([slots, torch.full((padding,), self.capacity - 1, device=self.device)])
+        slot = torch.arange(self.capacity, device=self.device)
+        own = (self.owner[None, :] == row_owner[:, None]) & (slot[None, :] <= row_slots[:, None])
+        inputs["tokens"][:count] = tokens
+        inputs["positions"].copy_(self.decoder.engine._positions(positions + [0] * padding))
+        inputs["mask"].copy_((own | (self.owner == -1)[None, :])[None, None])
+        inputs["slots"].copy_(row_slots)
+        return run()[:count]
 
 # ---------------------------------------------------------------------------------------
 # Questions files
@@ -417,10 +825,11 @@ class InputProblem:
 class QuestionResult:
     """The outcome of one question: an ``answer`` or, when its video could not be used,
     an ``error``. ``load_s`` (reading the token set) and ``prefill_s`` belong to the video
-    and are the same for all its questions. ``prefix_reused`` is false for the video's
-    first question, whose prompt rode in the prefill's forward
-    (``QueryEngine.prefill_and_answer``): its answer's ``ttft_s`` and ``total_s`` include
-    ``prefill_s`` (not ``load_s``). The other questions' times start at their question."""
+    and are the same for all its questions, which are answered together
+    (``QueryEngine.prefill_and_answer_all``): every answer's ``ttft_s`` and ``total_s``
+    count from the start of the prefill and include ``prefill_s`` (not ``load_s``).
+    ``prefix_reused`` is false for the video's first question, whose prompt rode in the
+    prefill's forward, and true for the others, answered on the prefix it left."""
 
     question: Question
     answer: Answer | None = None
@@ -485,12 +894,15 @@ def answer_questions(
     """Answer ``questions``, reading and prefilling each video once.
 
     Questions are grouped by video (videos in order of first appearance, questions in
-    input order within a video). Each video's first question is answered in its prefill's
-    forward (``QueryEngine.prefill_and_answer``), the others from the prefix it leaves. A
-    video whose token set cannot be read or does not fit the model gives each of its
-    questions an ``error`` result; the others go on.
+    input order within a video) and each video's questions are answered together
+    (``QueryEngine.prefill_and_answer_all``: the first question's prompt in the prefill's
+    forward, the others' in one more, then one forward per new token for all); every
+    question decodes with the same options, so with a ``seed`` each answer is the one
+    ``QueryEngine.answer`` gives with that seed. A video whose token set cannot be read or
+    does not fit the model gives each of its questions an ``error`` result; the others go
+    on.
     """
-    decoding = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
+    decoding = Decoding(max_new_tokens, do_sample, temperature, seed)
     by_video: dict[str, list[Question]] = {}
     for question in questions:
         by_video.setdefault(question.video_id, []).append(question)
@@ -507,36 +919,34 @@ def answer_questions(
             for question in video_questions:
                 yield QuestionResult(question, error=str(error))
             continue
-        first, *others = video_questions
-        prefix, answer = engine.prefill_and_answer(stored, first.text, **decoding)
+        prefix, answers = engine.prefill_and_answer_all(stored, [question.text for question in video_questions], decoding)
         video = dict(num_visual_tokens=prefix.num_visual_tokens, load_s=load_s, prefill_s=prefix.prefill_s)
-        yield QuestionResult(first, answer, **video)
-        for question in others:
-            yield QuestionResult(question, engine.answer(prefix, question.text, **decoding), **video, prefix_reused=True)
+        for index, (question, answer) in enumerate(zip(video_questions, answers)):
+            yield QuestionResult(question, answer, **video, prefix_reused=index > 0)
 
 
 def prefix_reuse_timings(results: Iterable[QuestionResult]) -> dict[str, float | int]:
     """What prefix reuse bought over answered ``results``: ``num_videos``, total
-    ``prefill_s`` (once per video), total ``answer_s`` beyond the prefills (a video's
-    first answer counts without the ``prefill_s`` its times include), and ``saved_s``, the
-    prefills a fresh prefill per question would have added (each video's ``prefill_s``
-    times its answered questions minus one; slightly more than the time saved, as a fresh
-    prefill would carry its question's prompt, which a reused prefix runs on its own)."""
+    ``prefill_s`` (once per video), total ``answer_s`` beyond the prefills (per video, the
+    last of its answers' ``total_s``, which count from the start of its prefill, minus
+    ``prefill_s``: its questions are answered together), and ``saved_s``, the prefills a
+    fresh prefill per question would have added (each video's ``prefill_s`` times its
+    answered questions minus one)."""
     prefill_s: dict[str, float] = {}
     answered: dict[str, int] = {}
-    answer_s = 0.0
+    done_s: dict[str, float] = {}
     for result in results:
         if result.answer is None:
             continue
         video_id = result.question.video_id
         prefill_s[video_id] = result.prefill_s
         answered[video_id] = answered.get(video_id, 0) + 1
-        answer_s += result.answer.total_s - (0.0 if result.prefix_reused else result.prefill_s)
+        done_s[video_id] = max(done_s.get(video_id, 0.0), result.answer.total_s)
     saved_s = sum(prefill_s[video_id] * (count - 1) for video_id, count in answered.items())
     return {
         "num_videos": len(prefill_s),
         "prefill_s": round(sum(prefill_s.values()), 6),
-        "answer_s": round(answer_s, 6),
+        "answer_s": round(sum(done_s[video_id] - prefill_s[video_id] for video_id in done_s), 6),
         "saved_s": round(saved_s, 6),
     }
 

@@ -108,8 +108,8 @@ class FakePrefix:
 
 
 class ScriptedEngine:
-    """Answers each question with a scripted response in 0.5 s; every prefill "takes" 2 s
-    (and a video's first answer, which rides in it, 2.5 s in all)."""
+    """Answers a video's questions together with scripted responses: its prefill "takes"
+    2 s (the first question rides in it), then one more answer every 0.5 s."""
 
     def __init__(self, responses: dict[str, str]):
         self.responses = responses
@@ -118,13 +118,13 @@ class ScriptedEngine:
     def check(self, stored):
         pass
 
-    def prefill_and_answer(self, stored, question, **decoding):
+    def prefill_and_answer_all(self, stored, questions, decoding):
         self.prefills += 1
-        answer = Answer(self.responses[question], [1], [0.0], 5, ttft_s=2.1, total_s=2.5)
-        return FakePrefix(num_visual_tokens=10, prefill_s=2.0), answer
-
-    def answer(self, prefix, question, **decoding):
-        return Answer(self.responses[question], [1], [0.0], 5, ttft_s=0.1, total_s=0.5)
+        answers = [
+            Answer(self.responses[question], [1], [0.0], 5, ttft_s=2.1, total_s=2.0 + 0.5 * (index + 1))
+            for index, question in enumerate(questions)
+        ]
+        return FakePrefix(num_visual_tokens=10, prefill_s=2.0), answers
 
 
 class VideosStore:
@@ -163,7 +163,7 @@ def test_accuracy_overall_and_per_category_with_one_prefill_per_video():
     assert sum(tally["total"] for tally in tasks.values()) == 6
     assert report.by_category["duration"] == {"short": {"correct": 4, "total": 6, "accuracy": pytest.approx(4 / 6, abs=1e-6)}}
     # Two videos, three answered questions each: two prefills of 2 s saved per video; the
-    # answers took 0.5 s each beyond the prefills.
+    # last answer came 1.5 s after each prefill.
     assert report.timings == {"num_videos": 2, "prefill_s": 4.0, "answer_s": 3.0, "saved_s": 8.0}
 
 

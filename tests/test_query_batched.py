@@ -1,0 +1,174 @@
+"""All questions of a video answered together (STTM_SPEC section 7): the same answers as
+one question per fresh prefill, token for token, greedy and seeded sampling alike; tiny
+random models of the three families, float32, CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.query import Decoding, QueryEngine, Question, answer_questions
+from query_setup import FAMILIES
+from test_query import adapters, engines, model_cache, recorded_forwards, store, videos  # noqa: F401 (fixtures)
+
+# Prompts of very different lengths: a word, a sentence, a paragraph.
+QUESTIONS = [
+    "Why?",
+    "How many people appear in the video, and what are they doing?",
+    "Describe the video in detail, frame by frame: who is in it, what each of them does, where the "
+    "scene takes place, what the camera does, which objects appear more than once, what colour the "
+    "largest object is, and how the video ends. Then summarize the whole video in one sentence.",
+    "Is the camera moving?",
+]
+
+
+def fresh(engine, stored, question, decoding=Decoding()):
+    """The reference: ``question`` alone on a freshly prefilled prefix."""
+    _, answer = engine.prefill_and_answer(stored, question, **vars(decoding))
+    return answer
+
+
+def assert_same_answers(batched, expected):
+    for got, want in zip(batched, expected, strict=True):
+        assert (got.token_ids, got.text, got.num_question_tokens) == (want.token_ids, want.text, want.num_question_tokens)
+        torch.testing.assert_close(torch.tensor(got.token_logprobs), torch.tensor(want.token_logprobs), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_questions_answered_together_get_the_answers_of_a_fresh_prefill_each(engines, store, family):
+    engine = engines[family]
+    stored = store.read(f"{family}/bunny")
+    expected = [fresh(engine, stored, question, Decoding(max_new_tokens=6)) for question in QUESTIONS]
+    assert len({len(answer.token_ids) for answer in expected}) >= 1
+    lengths = [answer.num_question_tokens for answer in expected]
+    assert max(lengths) > 5 * min(lengths)
+
+    with recorded_forwards(engine.model) as forwards:
+        prefix, together = engine.prefill_and_answer_all(stored, QUESTIONS, Decoding(max_new_tokens=6))
+    assert_same_answers(together, expected)
+    # The prefill (prefix and first question), the other prompts in one forward, then one
+    # forward per new token for the questions still going.
+    assert forwards[0].tokens == prefix.length + lengths[0]
+    assert forwards[1].tokens == sum(lengths[1:])
+    steps = max(len(answer.token_ids) for answer in expected)
+    assert len(forwards) == 2 + steps - 1
+    assert all(f.tokens <= len(QUESTIONS) for f in forwards[2:])
+    # The prefix is left as a prefill leaves it: answering it again, any order, changes nothing.
+    assert all(layer.get_seq_length() == prefix.length for layer in prefix.cache.layers)
+    order = [2, 0, 3, 1]
+    again = engine.answer_all(prefix, [QUESTIONS[q] for q in order], Decoding(max_new_tokens=6))
+    assert_same_answers(again, [expected[q] for q in order])
+    assert all(0 < prefix.prefill_s <= a.ttft_s <= a.total_s for a in together)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_question_that_ends_at_once_drops_out_and_the_others_go_on(engines, store, family, monkeypatch):
+    engine = engines[family]
+    stored = store.read(f"{family}/bikes")
+    going_on = fresh(engine, stored, QUESTIONS[0], Decoding(max_new_tokens=6)).token_ids
+    # Question 1 draws (seeded, nearly uniform) a first token that question 0 never says;
+    # that token becomes an end-of-turn token, so question 1 ends at once and 0 goes on.
+    decodings = [Decoding(max_new_tokens=6) for _ in QUESTIONS]
+    decodings[1] = next(
+        decoding
+        for decoding in (Decoding(max_new_tokens=6, do_sample=True, temperature=1e3, seed=seed) for seed in range(100))
+        if (first := fresh(engine, stored, QUESTIONS[1], decoding).token_ids) and first[0] not in going_on
+    )
+    monkeypatch.setattr(engine, "eos_token_ids", engine.eos_token_ids | {fresh(engine, stored, QUESTIONS[1], decodings[1]).token_ids[0]})
+    decodings[2] = Decoding(max_new_tokens=2)  # and question 2 stops after two tokens
+    expected = [fresh(engine, stored, question, decoding) for question, decoding in zip(QUESTIONS, decodings)]
+    assert expected[1].token_ids == [] and expected[0].token_ids == going_on
+
+    with recorded_forwards(engine.model) as forwards:
+        _, together = engine.prefill_and_answer_all(stored, QUESTIONS, decodings)
+    assert_same_answers(together, expected)
+    # Each step runs one token per question still going.
+    for step, forward in enumerate(forwards[2:], start=1):
+        assert forward.tokens == sum(len(answer.token_ids) > step for answer in expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_seeded_sampling_together_draws_what_each_question_draws_alone(engines, store, family):
+    engine = engines[family]
+    stored = store.read(f"{family}/bunny")
+    decodings = [
+        Decoding(max_new_tokens=5, do_sample=True, temperature=5.0, seed=1),
+        Decoding(max_new_tokens=5),
+        Decoding(max_new_tokens=5, do_sample=True, temperature=2.0, seed=7),
+        Decoding(max_new_tokens=5, do_sample=True, temperature=5.0, seed=1),
+    ]
+    expected = [fresh(engine, stored, question, decoding) for question, decoding in zip(QUESTIONS, decodings)]
+    prefix, together = engine.prefill_and_answer_all(stored, QUESTIONS, decodings)
+    assert_same_answers(together, expected)
+    assert_same_answers(engine.answer_all(prefix, QUESTIONS, decodings), expected)
+    # The seeds matter: another seed draws another answer.
+    reseeded = engine.answer_all(prefix, QUESTIONS[:1], Decoding(max_new_tokens=5, do_sample=True, temperature=5.0, seed=2))
+    assert reseeded[0].token_ids != together[0].token_ids
+
+
+def test_answer_questions_answers_a_videos_questions_together(engines, store):
+    engine = engines["qwen2.5-vl"]
+    asked = [("bunny", 0), ("bikes", 1), ("bunny", 2), ("bunny", 3), ("bikes", 2)]
+    questions = [Question(index, f"qwen2.5-vl/{video}", QUESTIONS[q]) for index, (video, q) in enumerate(asked)]
+    with recorded_forwards(engine.model) as forwards:
+        results = list(answer_questions(engine, store, questions, max_new_tokens=4, do_sample=True, temperature=3.0, seed=5))
+    assert [r.question.id for r in results] == [0, 2, 3, 1, 4]
+    # Two prompt forwards per video (prefill with the first question, the others' prompts).
+    assert sum(f.cached == 0 for f in forwards) == 2
+    assert sum(f.tokens > len(QUESTIONS) for f in forwards) == 4
+    for result in results:
+        stored = store.read(result.question.video_id)
+        expected = fresh(engine, stored, result.question.text, Decoding(4, True, 3.0, 5))
+        assert result.answer.token_ids == expected.token_ids
+        assert result.answer.ttft_s >= result.prefill_s
+
+
+def test_decoding_options_are_checked_before_the_model_runs(engines, store):
+    engine = engines["llava-onevision"]
+    stored = store.read("llava-onevision/bunny")
+    with recorded_forwards(engine.model) as forwards:
+        with pytest.raises(ValueError, match="2 decoding options for 4 questions"):
+            engine.prefill_and_answer_all(stored, QUESTIONS, [Decoding(), Decoding()])
+        with pytest.raises(ValueError, match="no questions"):
+            engine.prefill_and_answer_all(stored, [])
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            engine.prefill_and_answer_all(stored, QUESTIONS, Decoding(do_sample=True, temperature=0))
+        with pytest.raises(ValueError, match="empty"):
+            engine.prefill_and_answer_all(stored, [QUESTIONS[0], " "])
+    assert forwards == []
+
+
+@pytest.fixture(scope="module")
+def static_engines(model_cache):  # noqa: F811
+    """Engines whose decoding steps run on fixed-capacity caches (the CUDA graphs' path,
+    eager here)."""
+    return {family: QueryEngine(f"tiny-random:{family}", dtype=torch.float32, decoding_steps="static") for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_static_decoding_steps_answer_as_a_fresh_prefill_each(engines, static_engines, store, family):
+    stored = store.read(f"{family}/bikes")
+    decodings = [
+        Decoding(max_new_tokens=7),
+        Decoding(max_new_tokens=1),  # done after the prompts' forward
+        Decoding(max_new_tokens=5, do_sample=True, temperature=3.0, seed=11),
+        Decoding(max_new_tokens=3),
+    ]
+    expected = [fresh(engines[family], stored, question, decoding) for question, decoding in zip(QUESTIONS, decodings)]
+    engine = static_engines[family]
+    prefix, together = engine.prefill_and_answer_all(stored, QUESTIONS, decodings)
+    assert_same_answers(together, expected)
+    # Buffers and steps are reused: a second video and a single question answer alike.
+    assert_same_answers(engine.answer_all(prefix, QUESTIONS[::-1], decodings[::-1]), expected[::-1])
+    assert_same_answers([engine.answer(prefix, QUESTIONS[2], max_new_tokens=6)], [fresh(engines[family], stored, QUESTIONS[2], Decoding(6))])
+    other = store.read(f"{family}/bunny")
+    assert_same_answers(
+        engine.prefill_and_answer_all(other, QUESTIONS[:2], Decoding(max_new_tokens=6))[1],
+        [fresh(engines[family], other, question, Decoding(max_new_tokens=6)) for question in QUESTIONS[:2]],
+    )
+
+
+def test_cuda_graphs_need_a_cuda_device(model_cache):  # noqa: F811
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        QueryEngine("tiny-random:qwen2-vl", dtype=torch.float32, decoding_steps="graphs")
+    with pytest.raises(ValueError, match="decoding_steps must be one of"):
+        QueryEngine("tiny-random:qwen2-vl", dtype=torch.float32, decoding_steps="fast")
