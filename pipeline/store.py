@@ -724,10 +724,11 @@ class TokenStore:
             else:
                 # One PUT, or for large data a multipart upload; either becomes visible
                 # only when complete.
-                self._fs.pipe_file(path, bytes(data), mode="create" if if_absent else "overwrite")
-                written = True
-        except FileExistsError:
-            written = False
+                try:
+                    self._fs.pipe_file(path, bytes(data), mode="create" if if_absent else "overwrite")
+                    written = True
+                except FileExistsError:  # the precondition If-None-Match: * failed
+                    written = False
         except OSError as error:
             raise StoreError(f"could not write {self._display(key)}: {redact_urls(str(error))}") from error
         logger.debug("%s %s (%d bytes)", "wrote" if written else "found", self._display(key), len(data))
