@@ -407,3 +407,43 @@ def test_store_errors_on_mismatched_records_and_stores_stay(tmp_path):
         with pytest.raises(ValueError):
             store.write(case)
     assert not tmp_path.exists() or not list(tmp_path.rglob("*.parquet"))
+
+
+# ---------------------------------------------------------------------------------------
+# The tokenize stage: a store error after the write is that video's failure, not the job's
+
+
+def test_a_store_error_after_the_write_is_a_failed_row_and_bytes_count_what_was_written(tmp_path, monkeypatch):
+    from pipeline.models.base import load_adapter
+    from pipeline.stages import TokenizeStage
+
+    model = "tiny-random:llava-onevision"
+    adapter = load_adapter(model, device="cpu")
+    video = str(SAMPLES / "bikes.mp4")
+    decode = DecodeStage(str(tmp_path), {}, UniformSampling(2), CONFIG, model_frame_size=adapter.input_frame_size)
+    tokenize = TokenizeStage(str(tmp_path), {}, model, "cpu", None, {"budget": 0.5}, {"frames": 2},
+                             adapter.fingerprint, CONFIG, run_id="run-1")
+
+    # One transient error on the HEAD that follows the token set's write.
+    object_info = TokenStore._object_info
+    failures = iter([OSError("connection reset by peer")])
+
+    def flaky_object_info(self, key):
+        if key.startswith("tokens/") and (error := next(failures, None)):
+            raise StoreError(f"could not read {self._display(key)}: {error}")
+        return object_info(self, key)
+
+    monkeypatch.setattr(TokenStore, "_object_info", flaky_object_info)
+    row = tokenize.tokenize_one(decode.decode_one("bikes", video))
+    assert (row["status"], row["stage"], row["error_type"]) == ("failed", "store", "StoreError")
+    assert "connection reset" in row["message"]
+
+    # The next run finds the token set the failed attempt wrote: it writes its entry only.
+    row = tokenize.tokenize_one(decode.decode_one("bikes", video))
+    assert (row["status"], row["bytes"], row["repaired"]) == ("stored", 0, False)
+    copy = tokenize.tokenize_one(decode.decode_one("bikes-copy", video))
+    assert (copy["status"], copy["bytes"]) == ("stored", 0)
+    assert decode.decode_one("bikes", video)["status"] == "skipped"
+    assert decode.decode_one("bikes-copy", video)["status"] == "skipped"
+    other = tokenize.tokenize_one(decode.decode_one("bunny", str(SAMPLES / "bigbuckbunny.mp4")))
+    assert other["status"] == "stored" and other["bytes"] == TokenStore(str(tmp_path)).object_size(other["key"])
