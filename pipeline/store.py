@@ -12,7 +12,8 @@ Ray Data, DuckDB) can take whole (README "Reading the store")::
 Every object's fields are defined in ``schemas/`` (token_set, index_entry, run_manifest,
 failure), which also holds the schema versions checked on every read. Stores written
 before index_entry 2.0 have JSON index entries (``index/<hash>/<config>.json``): they are
-still read, and replaced by Parquet ones when the video id is written again.
+still read, and replaced by Parquet ones when the video id is checked (a re-run) or
+written again.
 
 Why this layout:
 
@@ -68,6 +69,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -350,9 +352,7 @@ class TokenStore:
             "run_id": record.run_id,
             "created_at": record.created_at,
         }
-        self._put_object(index_key(record.video_id, record.config_fingerprint),
-                         _encode_one_row(INDEX_ENTRY, entry), if_absent=False)
-        self._remove_legacy_index_entry(record.video_id, record.config_fingerprint)
+        self._write_index_entry(entry)
         return PutResult(key=key, object_bytes=object_bytes, bytes_written=bytes_written, repaired=repaired)
 
     def read(self, video_id: str, config_fingerprint: str | None = None) -> StoredTokenSet:
@@ -469,6 +469,26 @@ class TokenStore:
                 return source.read_columns(metadata, list(names)).to_pylist()[0]
             except (pa.ArrowException, OSError, ValueError, IndexError) as error:
                 raise CorruptObjectError(f"{display} is not a readable Parquet file ({error})") from None
+
+    # -- the store as datasets -----------------------------------------------------------
+
+    def dataset(self, kind: str) -> pyarrow.dataset.Dataset:
+        """One prefix of the store as a pyarrow dataset: ``"tokens"`` (one row per token
+        set), ``"index"`` (the id table: one row per video id and config), ``"manifests"``
+        or ``"failures"``; on any filesystem, with this store's storage options.
+
+        Takes the prefix's Parquet files only (a store written before index_entry 2.0
+        also has JSON entries there, which are left out), read with the current schema
+        (columns older token sets have beyond it are not read). Join tokens and index on
+        ``(content_hash, config_fingerprint)``; README "Reading the store" shows how, and
+        how to read the store with Ray Data and DuckDB.
+        """
+        schemas_by_kind = {"tokens": TOKEN_SET, "index": INDEX_ENTRY, "manifests": RUN_MANIFEST, "failures": FAILURE}
+        if kind not in schemas_by_kind:
+            raise ValueError(f"kind must be one of {sorted(schemas_by_kind)}, got {kind!r}")
+        paths = [self._path(key) for key in self._list_keys(kind, suffix=".parquet")]
+        return pyarrow.dataset.dataset(paths, schema=schemas_by_kind[kind].arrow_schema(), format="parquet",
+                                       filesystem=self._fs)
 
     # -- run manifests and failures ------------------------------------------------------
 
@@ -625,11 +645,13 @@ class TokenStore:
             raise CorruptObjectError(f"{display} is the index entry of another video id or config")
         return entry
 
-    def _remove_legacy_index_entry(self, video_id: str, config_fingerprint: str) -> None:
-        """Delete the JSON entry a store written before index_entry 2.0 may hold for this
-        id and config, now that its Parquet entry is written: the index/ prefix then
+    def _write_index_entry(self, entry: dict[str, Any]) -> None:
+        """Write ``entry`` (index_entry fields), then delete the JSON entry a store written
+        before index_entry 2.0 may hold for its id and config: the index/ prefix then
         holds Parquet only."""
-        key = _legacy_index_key(video_id, config_fingerprint)
+        self._put_object(index_key(entry["video_id"], entry["config_fingerprint"]),
+                         _encode_one_row(INDEX_ENTRY, entry), if_absent=False)
+        key = _legacy_index_key(entry["video_id"], entry["config_fingerprint"])
         try:
             if self._is_local:
                 os.remove(self._path(key))
@@ -672,7 +694,7 @@ class TokenStore:
         CorruptObjectError or NotFoundError."""
         key, display = entry["key"], self._display(entry["key"])
         if entry["object_sha256"] is None:  # a legacy entry: verify the token set itself
-            self._load_token_set(key, entry)
+            self._upgrade_legacy_entry(entry)
             return
         size, etag = self._object_info(key)
         if size != entry["object_bytes"]:
@@ -685,6 +707,26 @@ class TokenStore:
             actual = f"sha256:{hashlib.file_digest(file, 'sha256').hexdigest()}"
         if actual != entry["object_sha256"]:
             raise CorruptObjectError(f"{display} does not match the SHA-256 its index entry records")
+
+    def _upgrade_legacy_entry(self, entry: Mapping[str, Any]) -> None:
+        """Verify the token set a legacy (JSON) ``entry`` points to, reading it whole,
+        then write the entry as the current Parquet one with the object's SHA-256 and
+        ETag: a re-run moves an older store's index to the current layout as it checks
+        it. Raises CorruptObjectError or NotFoundError."""
+        key, display = entry["key"], self._display(entry["key"])
+        data = self._get(key)
+        if len(data) != entry["object_bytes"]:
+            raise CorruptObjectError(
+                f"{display} has {len(data)} bytes, its index entry says {entry['object_bytes']}: truncated or replaced"
+            )
+        stored = _read_token_set(_BufferObject(data, display), display, entry)
+        if token_set_key(stored.content_hash, stored.config_fingerprint) != key:
+            raise CorruptObjectError(f"{display} holds the token set of another video or config")
+        self._write_index_entry({
+            **{name: entry[name] for name in INDEX_ENTRY.field_names},
+            "object_sha256": _sha256_of(data),
+            "object_etag": self._object_info(key)[1],
+        })
 
     @contextlib.contextmanager
     def _open_object(self, key: str) -> Iterator[_LocalObject | _RemoteObject]:

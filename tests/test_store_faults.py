@@ -371,9 +371,14 @@ def test_a_store_of_the_previous_layout_reads_verifies_and_moves_to_parquet(raw_
     for record in records:
         assert_same_record(store.read(record.video_id), record,
                            checksum=stream_checksum(record.tokens) if version == "1.0" else None)
-        assert store.check(record.content_hash, CONFIG, record.video_id) == VERIFIED
+    # A damaged one is not skipped; an intact one is, and its entry moves to Parquet.
     raw_store.put(keys[1], damage(raw_store.get(keys[1]), records[1], "features"))
     assert store.check(records[1].content_hash, CONFIG, "old-2") == DAMAGED
+    assert store.check(records[0].content_hash, CONFIG, "old-1") == VERIFIED
+    assert [row["video_id"] for row in store.dataset("index").to_table().to_pylist()] == ["old-1"]
+    assert_same_record(store.read("old-1"), records[0],
+                       checksum=stream_checksum(records[0].tokens) if version == "1.0" else None)
+    assert store.check(records[0].content_hash, CONFIG, "old-1") == VERIFIED
 
     # Writing an id again gives it a Parquet entry and removes its JSON one.
     assert store.put(records[1]).repaired
