@@ -250,6 +250,33 @@ def test_concurrent_writers_on_local_disk_create_each_token_set_once(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def _write_videos_in_a_process(url: str, index: int, videos: int, barrier, results) -> None:
+    """One writer process (a separate run): the same videos as the others, its own run id."""
+    records = [make_record(f"video-{v}", seed=v, run_id="p" * (index + 1)) for v in range(videos)]
+    barrier.wait()
+    results.put([(r.key, r.bytes_written) for r in map(TokenStore(url).put, records)])
+
+
+def test_concurrent_writer_processes_on_local_disk(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # the store re-creates its thread pool in a child
+    writers, videos = 2, 6
+    barrier, results = context.Barrier(writers), context.Queue()
+    processes = [context.Process(target=_write_videos_in_a_process, args=(str(tmp_path), i, videos, barrier, results))
+                 for i in range(writers)]
+    for process in processes:
+        process.start()
+    written = [results.get(timeout=300) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    for v in range(videos):
+        key = written[0][v][0]
+        assert sum(bytes_written > 0 for run in written for k, bytes_written in run if k == key) == 1
+    assert_every_video_verifies(TokenStore(str(tmp_path)), videos)
+
+
 def test_concurrent_writers_on_s3(s3_server):
     writers, videos = 3, 5
     reader, bucket = s3_store(s3_server)
