@@ -38,7 +38,7 @@ exists, or a rename for objects that are replaced; object stores: one PUT, or a 
 upload, which S3 makes visible only when it completes, with ``If-None-Match: *`` for
 token sets). A token set is only ever created, never overwritten, unless the one in place
 fails its checks (a repair). Its index entry is written after it, from the object that is
-actually in place (its size, SHA-256 and ETag), so whichever of two concurrent writers
+actually in place (its size, checksum and ETag), so whichever of two concurrent writers
 creates the object, both entries verify against it. Readers only find token sets through
 index entries, so a writer that dies at any point leaves either a complete entry or none.
 (Leftovers of a killed writer are invisible: a ``.tmp`` file locally, uncompleted
@@ -325,17 +325,17 @@ class TokenStore:
         data = _encode_token_set(record)
         stored, repaired = record, False
         if self._put_object(key, data, if_absent=True):
-            object_bytes, object_sha256, bytes_written = len(data), _sha256_of(data), len(data)
+            object_bytes, object_checksum, bytes_written = len(data), _object_checksum(data), len(data)
         else:
             existing = self._get(key)
             try:
                 stored = self._verified_existing(key, existing, data, record)
-                object_bytes, object_sha256, bytes_written = len(existing), _sha256_of(existing), 0
+                object_bytes, object_checksum, bytes_written = len(existing), _object_checksum(existing), 0
                 logger.info("token set %s already stored; linking video id %r", key, record.video_id)
             except CorruptObjectError as error:
                 logger.warning("replacing a corrupt token set: %s", error)
                 self._put_object(key, data, if_absent=False)
-                object_bytes, object_sha256, bytes_written, repaired = len(data), _sha256_of(data), len(data), True
+                object_bytes, object_checksum, bytes_written, repaired = len(data), _object_checksum(data), len(data), True
 
         entry = {
             "video_id": record.video_id,
@@ -347,7 +347,7 @@ class TokenStore:
             "num_tokens": stored.num_tokens,
             "original_tokens": stored.original_tokens,
             "object_bytes": object_bytes,
-            "object_sha256": object_sha256,
+            "object_checksum": object_checksum,
             "object_etag": self._object_info(key)[1],
             "run_id": record.run_id,
             "created_at": record.created_at,
@@ -372,7 +372,7 @@ class TokenStore:
 
         Reads what it must: on an object store the object's size and ETag (one HEAD)
         when they match the entry's, else, and on local disk, the whole object, hashed
-        against the entry's SHA-256. Raises SchemaVersionError for an entry of a newer
+        against the entry's checksum. Raises SchemaVersionError for an entry of a newer
         major version (it is not overwritten), StoreError when the store cannot be read.
         """
         key = token_set_key(content_hash, config_fingerprint)
@@ -626,7 +626,7 @@ class TokenStore:
 
     def _parse_index_entry(self, key: str, data: bytes) -> dict[str, Any]:
         """The entry at ``key`` as a dict of index_entry fields (a legacy JSON entry has
-        ``object_sha256`` and ``object_etag`` None), after checking it names only what
+        ``object_checksum`` and ``object_etag`` None), after checking it names only what
         its key allows: the token set of its own content hash and config, for the video
         id and config its key is made of."""
         display = self._display(key)
@@ -693,7 +693,7 @@ class TokenStore:
         """Check the token set in place is the one ``entry`` was written for; raises
         CorruptObjectError or NotFoundError."""
         key, display = entry["key"], self._display(entry["key"])
-        if entry["object_sha256"] is None:  # a legacy entry: verify the token set itself
+        if entry["object_checksum"] is None:  # a legacy entry: verify the token set itself
             self._upgrade_legacy_entry(entry)
             return
         size, etag = self._object_info(key)
@@ -703,14 +703,14 @@ class TokenStore:
             )
         if etag is not None and etag == entry["object_etag"]:
             return  # the object store says it is the object verified when the entry was written
-        with _reading(display), self._fs.open(self._path(key), "rb") as file:
-            actual = f"sha256:{hashlib.file_digest(file, 'sha256').hexdigest()}"
-        if actual != entry["object_sha256"]:
-            raise CorruptObjectError(f"{display} does not match the SHA-256 its index entry records")
+        with self._open_object(key) as source:
+            actual = _source_checksum(source)
+        if actual != entry["object_checksum"]:
+            raise CorruptObjectError(f"{display} does not match the checksum its index entry records")
 
     def _upgrade_legacy_entry(self, entry: Mapping[str, Any]) -> None:
         """Verify the token set a legacy (JSON) ``entry`` points to, reading it whole,
-        then write the entry as the current Parquet one with the object's SHA-256 and
+        then write the entry as the current Parquet one with the object's checksum and
         ETag: a re-run moves an older store's index to the current layout as it checks
         it. Raises CorruptObjectError or NotFoundError."""
         key, display = entry["key"], self._display(entry["key"])
@@ -724,7 +724,7 @@ class TokenStore:
             raise CorruptObjectError(f"{display} holds the token set of another video or config")
         self._write_index_entry({
             **{name: entry[name] for name in INDEX_ENTRY.field_names},
-            "object_sha256": _sha256_of(data),
+            "object_checksum": _object_checksum(data),
             "object_etag": self._object_info(key)[1],
         })
 
@@ -843,7 +843,7 @@ def _config_of_index_key(key: str) -> str:
 
 def _parse_legacy_index_entry(data: bytes, display: str) -> dict[str, Any]:
     """An index_entry 1.x JSON entry as a dict of the current fields (the object's
-    SHA-256 and ETag unknown: None)."""
+    checksum and ETag unknown: None)."""
     try:
         entry = json.loads(data)
         found_version = entry["schema_version"]
@@ -858,7 +858,7 @@ def _parse_legacy_index_entry(data: bytes, display: str) -> dict[str, Any]:
     except (TypeError, ValueError) as error:
         raise CorruptObjectError(f"{display} is not a readable index entry ({error})") from None
     return {**{name: entry[name] for name in INDEX_ENTRY.field_names if name in entry},
-            "object_sha256": None, "object_etag": None, "created_at": created_at}
+            "object_checksum": None, "object_etag": None, "created_at": created_at}
 
 
 def _video_id_hash(video_id: str) -> str:
@@ -1051,9 +1051,34 @@ class _BufferObject:
         out[:] = np.frombuffer(piece, dtype=np.uint8)
 
 
-def _sha256_of(data: bytes | pa.Buffer) -> str:
-    """``"sha256:<hex>"`` of an object's bytes (what index entries record)."""
-    return f"sha256:{hashlib.sha256(memoryview(data)).hexdigest()}"
+def _object_checksum(data: bytes | pa.Buffer) -> str:
+    """What index entries record of a token-set object: ``"sha256-pieces:<hex>"``, the
+    SHA-256 of the SHA-256 digests of its consecutive ``_PIECE_BYTES`` pieces (hashed in
+    parallel, as the payload checksum is)."""
+    view = memoryview(data)
+    pieces = [view[offset : offset + _PIECE_BYTES] for offset in range(0, len(view), _PIECE_BYTES)]
+    return _checksum_of_digests(list(_pool().map(_sha256_digest, pieces)))
+
+
+def _source_checksum(source: _LocalObject | _RemoteObject) -> str:
+    """:func:`_object_checksum` of the object ``source``, its pieces read and hashed in
+    parallel threads, one piece in memory per thread."""
+
+    def piece_digest(offset: int) -> bytes:
+        piece = np.empty(min(_PIECE_BYTES, source.size - offset), dtype=np.uint8)
+        source.read_into(offset, piece)
+        return _sha256_digest(piece)
+
+    pieces = [_pool().submit(piece_digest, offset) for offset in range(0, source.size, _PIECE_BYTES)]
+    concurrent.futures.wait(pieces)  # every read finishes, failed or not, before the source closes
+    return _checksum_of_digests([piece.result() for piece in pieces])
+
+
+def _checksum_of_digests(piece_digests: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for piece_digest in piece_digests:
+        digest.update(piece_digest)
+    return f"{_PIECES_CHECKSUM}:{digest.hexdigest()}"
 
 
 def _read_parquet_columns(file: Any, metadata: pq.FileMetaData, names: list[str]) -> pa.Table:

@@ -330,7 +330,7 @@ def forged_entry(store: TokenStore, record, **changes) -> bytes:
         "video_id": record.video_id, "source_uri": record.source_uri, "content_hash": record.content_hash,
         "key": store_module.token_set_key(record.content_hash, CONFIG), "config_fingerprint": CONFIG,
         "model_id": record.model_id, "num_tokens": 1, "original_tokens": 2, "object_bytes": 10,
-        "object_sha256": "sha256:" + "0" * 64, "object_etag": None, "run_id": "x", "created_at": record.created_at,
+        "object_checksum": "sha256-pieces:" + "0" * 64, "object_etag": None, "run_id": "x", "created_at": record.created_at,
     }
     entry.update(changes)
     return store_module._encode_one_row(INDEX_ENTRY, {name: entry[name] for name in INDEX_ENTRY.field_names}).to_pybytes()
@@ -479,3 +479,20 @@ def test_a_store_error_after_the_write_is_a_failed_row_and_bytes_count_what_was_
     assert decode.decode_one("bikes-copy", video)["status"] == "skipped"
     other = tokenize.tokenize_one(decode.decode_one("bunny", str(SAMPLES / "bigbuckbunny.mp4")))
     assert other["status"] == "stored" and other["bytes"] == TokenStore(str(tmp_path)).object_size(other["key"])
+
+
+@pytest.mark.parametrize("piece_bytes", [SMALL_PIECE, 4 * 2**20])
+def test_the_index_entry_records_the_object_as_schemas_define_it(raw_store, monkeypatch, piece_bytes):
+    """object_bytes and object_checksum, computed here from the raw object as
+    schemas/index_entry.json defines them."""
+    import hashlib
+
+    monkeypatch.setattr(store_module, "_PIECE_BYTES", piece_bytes)
+    record = big_record()
+    key = raw_store.store.write(record)
+    data = raw_store.get(key)
+    digests = b"".join(hashlib.sha256(data[i : i + piece_bytes]).digest() for i in range(0, len(data), piece_bytes))
+    entry = pq.read_table(io.BytesIO(raw_store.get(index_key(record.video_id, CONFIG)))).to_pylist()[0]
+    assert entry["object_bytes"] == len(data)
+    assert entry["object_checksum"] == f"sha256-pieces:{hashlib.sha256(digests).hexdigest()}"
+    assert (entry["object_etag"] is None) == isinstance(raw_store.store._fs, store_module.LocalFileSystem)
