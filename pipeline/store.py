@@ -335,7 +335,8 @@ class TokenStore:
             except CorruptObjectError as error:
                 logger.warning("replacing a corrupt token set: %s", error)
                 self._put_object(key, data, if_absent=False)
-                object_bytes, object_checksum, bytes_written, repaired = len(data), _object_checksum(data), len(data), True
+                object_bytes, object_checksum, bytes_written = len(data), _object_checksum(data), len(data)
+                repaired = True
 
         entry = {
             "video_id": record.video_id,
@@ -605,7 +606,9 @@ class TokenStore:
                     return self._parse_index_entry(key, self._get(key))
                 except NotFoundError:
                     continue
-            raise NotFoundError(f"no token set for video id {video_id!r} with config {config_fingerprint} in {self.url}")
+            raise NotFoundError(
+                f"no token set for video id {video_id!r} with config {config_fingerprint} in {self.url}"
+            )
         keys = self._index_keys(f"index/{_video_id_hash(video_id)}")
         if not keys:
             raise NotFoundError(f"no token set for video id {video_id!r} in {self.url}")

@@ -324,19 +324,21 @@ def test_replayed_interleaving_object_from_one_run_index_from_another(raw_store,
 # Index entries never lead out of the store; inspect goes on past what it cannot read
 
 
-def forged_entry(store: TokenStore, record, **changes) -> bytes:
+def forged_entry(record, **changes) -> bytes:
     """A well-formed index entry of ``record`` with ``changes``."""
     entry = {
         "video_id": record.video_id, "source_uri": record.source_uri, "content_hash": record.content_hash,
         "key": store_module.token_set_key(record.content_hash, CONFIG), "config_fingerprint": CONFIG,
         "model_id": record.model_id, "num_tokens": 1, "original_tokens": 2, "object_bytes": 10,
-        "object_checksum": "sha256-pieces:" + "0" * 64, "object_etag": None, "run_id": "x", "created_at": record.created_at,
+        "object_checksum": "sha256-pieces:" + "0" * 64, "object_etag": None, "run_id": "x",
+        "created_at": record.created_at,
     }
     entry.update(changes)
-    return store_module._encode_one_row(INDEX_ENTRY, {name: entry[name] for name in INDEX_ENTRY.field_names}).to_pybytes()
+    row = {name: entry[name] for name in INDEX_ENTRY.field_names}
+    return store_module._encode_one_row(INDEX_ENTRY, row).to_pybytes()
 
 
-@pytest.mark.parametrize("key", ["../../secret.txt", "tokens/../../secret.txt", "/etc/passwd",
+@pytest.mark.parametrize("key", ["../secret.txt", "tokens/../../secret.txt", "/etc/passwd",
                                  "tokens/0123456789abcdef/sha256-" + "a" * 64 + ".parquet"])
 def test_an_index_entry_naming_another_key_is_refused_and_inspect_goes_on(tmp_path, key):
     root = tmp_path / "store"
@@ -345,7 +347,7 @@ def test_an_index_entry_naming_another_key_is_refused_and_inspect_goes_on(tmp_pa
     store.write(make_record("good-video"))
     forged = make_record("forged", video_bytes=b"forged video")
     (root / index_key("forged", CONFIG)).parent.mkdir(parents=True)
-    (root / index_key("forged", CONFIG)).write_bytes(forged_entry(store, forged, key=key))
+    (root / index_key("forged", CONFIG)).write_bytes(forged_entry(forged, key=key))
 
     with pytest.raises(CorruptObjectError, match="names object"):
         store.read("forged")
@@ -362,7 +364,7 @@ def test_an_index_entry_under_another_ids_name_is_refused(tmp_path):
     store = TokenStore(str(tmp_path))
     store.write(make_record("victim"))
     attacker = make_record("attacker")
-    (tmp_path / index_key("victim", CONFIG)).write_bytes(forged_entry(store, attacker))
+    (tmp_path / index_key("victim", CONFIG)).write_bytes(forged_entry(attacker))
     with pytest.raises(CorruptObjectError, match="another video id"):
         store.read("victim")
 
