@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.store import FailureRecord, ManifestEntry, RunManifest, TokenStore
-from test_store import CONFIG, OTHER_CONFIG, BITS_DTYPE, make_record, s3_store
+from test_store import BITS_DTYPE, OTHER_CONFIG, make_record, s3_store
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -36,7 +36,6 @@ from pipeline.store import (
 from test_store import (
     CONFIG,
     SMALL_PIECE,
-    RawStore,
     assert_same_record,
     flip_bit_inside,
     make_record,
