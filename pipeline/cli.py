@@ -240,6 +240,8 @@ def inspect_(store_url, limit, as_json) -> None:
     except StoreError as error:
         raise click.ClickException(str(error)) from None
     click.echo(json.dumps(summary.to_dict()) if as_json else summary.text(max_videos=limit))
+    if summary.problems:  # listed in the report; the store needs a look
+        raise SystemExit(1)
 
 
 @main.command()

@@ -6,21 +6,23 @@ and a budget run picks its own ``tau`` per video, so they are read from the toke
 objects themselves: only the few metadata columns, never the features (Parquet reads the
 footer and the requested column chunks, so even on S3 a token set costs a few small
 range reads, not its megabytes of features).
+
+Everything is read through :class:`TokenStore`, which only opens keys an index entry
+may name (a token set's own key, inside the store). An object that cannot be read is
+reported in ``problems`` and the summary goes on without it.
 """
 from __future__ import annotations
 
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipeline.store import CorruptObjectError, NotFoundError, TokenStore, check_schema_version
-from schemas import SCHEMA_VERSION_KEY, TOKEN_SET
+from pipeline.store import NotFoundError, SchemaVersionError, StoreError, StoreProblem, TokenStore
 
 # The token-set columns the summary needs (see schemas/token_set.json).
 _SETTINGS_COLUMNS = ("tau_s", "tau_t", "budget", "root_level", "grid")
@@ -64,12 +66,15 @@ class StoreSummary:
         failures: one dict per failure record, oldest first; ``stored_since`` says
             whether the video id has a token set under that config now (a later run
             retried it successfully).
+        problems: one ``{"key", "message"}`` per object that could not be read (an
+            index entry, token set, manifest or failure record), left out of the rest.
     """
 
     store: str
     runs: list[dict[str, Any]]
     videos: list[VideoRow]
     failures: list[dict[str, Any]]
+    problems: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def video_ids(self) -> list[str]:
@@ -117,6 +122,7 @@ class StoreSummary:
             "total_bytes": sum(row.bytes for row in self.videos),
             "videos": [{**asdict(row), "grid": list(row.grid)} for row in self.videos],
             "failures": self.failures,
+            "problems": self.problems,
         }
 
     def text(self, max_videos: int = 20) -> str:
@@ -148,6 +154,9 @@ class StoreSummary:
             note = "" if not failure["stored_since"] else "  [stored since]"
             lines.append(f"  {failure['run_id']}  {failure['video_id']}  {failure['stage']}: "
                          f"{failure['error_type']}: {_one_line(failure['message'])}{note}")
+        if self.problems:
+            lines.append(f"problems: {len(self.problems)} objects could not be read (left out above)")
+            lines += [f"  {self.store}/{problem['key']}: {_one_line(problem['message'])}" for problem in self.problems]
         if self.videos:
             shown = self.videos if max_videos <= 0 else self.videos[:max_videos]
             more = f" (first {len(shown)}; --json lists all)" if len(shown) < len(self.videos) else ""
@@ -165,26 +174,27 @@ class StoreSummary:
 def summarize_store(url: str, storage_options: Mapping[str, Any] | None = None) -> StoreSummary:
     """Summarize the token store at ``url`` (local path, ``file://`` or ``s3://``).
 
-    Raises NotFoundError when nothing exists at ``url``, and the store's errors
-    (CorruptObjectError, SchemaVersionError) for objects it cannot read.
+    Raises NotFoundError when nothing exists at ``url``, and SchemaVersionError for an
+    object of a major schema version this sttm-pipeline does not read (upgrade it).
+    Any other object that cannot be read is listed in ``problems``.
     """
     storage_options = dict(storage_options or {})
     store = TokenStore(url, storage_options)
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
-    root = root.rstrip("/")
-    if not fs.exists(root):
+    if not fs.exists(root.rstrip("/")):
         raise NotFoundError(f"no token store at {store.url}")
 
-    summaries = store.list()
-    settings_by_key: dict[str, dict[str, Any]] = {}
+    problems: list[StoreProblem] = []
+    summaries = store.list(problems=problems)
+    settings_by_key: dict[str, dict[str, Any] | None] = {}
     for summary in summaries:  # ids sharing one video's bytes share one object: read it once
         if summary.key not in settings_by_key:
-            settings_by_key[summary.key] = _token_set_settings(fs, f"{root}/{summary.key}", f"{store.url}/{summary.key}")
+            settings_by_key[summary.key] = _token_set_settings(store, summary.key, problems)
     videos = [
         VideoRow(video_id=s.video_id, config_fingerprint=s.config_fingerprint, model_id=s.model_id,
                  source_uri=s.source_uri, num_tokens=s.num_tokens, original_tokens=s.original_tokens,
                  retention=s.retention, bytes=s.bytes, **settings_by_key[s.key])
-        for s in summaries
+        for s in summaries if settings_by_key[s.key] is not None
     ]
 
     stored = {(row.video_id, row.config_fingerprint) for row in videos}
@@ -192,38 +202,29 @@ def summarize_store(url: str, storage_options: Mapping[str, Any] | None = None) 
         {"run_id": f.run_id, "video_id": f.video_id, "source_uri": f.source_uri, "stage": f.stage,
          "error_type": f.error_type, "message": f.message, "created_at": f.created_at.isoformat(),
          "stored_since": (f.video_id, f.config_fingerprint) in stored}
-        for f in store.list_failures()
+        for f in store.list_failures(problems=problems)
     ]
     runs = [
         {"run_id": m.run_id, "started_at": m.started_at.isoformat(), "finished_at": m.finished_at.isoformat(),
          "seconds": round((m.finished_at - m.started_at).total_seconds(), 3), "inputs": len(m.entries),
          "stored": m.count("stored"), "skipped": m.count("skipped"), "failed": m.count("failed"),
          "settings": {key: m.job_config[key] for key in _RUN_SETTINGS if m.job_config.get(key) is not None}}
-        for m in store.list_manifests()
+        for m in store.list_manifests(problems=problems)
     ]
-    return StoreSummary(store=store.url, runs=runs, videos=videos, failures=failures)
+    return StoreSummary(store=store.url, runs=runs, videos=videos, failures=failures,
+                        problems=[{"key": p.key, "message": p.message} for p in problems])
 
 
-def _token_set_settings(fs: fsspec.AbstractFileSystem, path: str, display: str) -> dict[str, Any]:
-    """The merge settings of the token set at ``path``, reading only their columns.
-
-    Raises CorruptObjectError when the object is missing (its index entry points
-    nowhere), unreadable or lacks a column; SchemaVersionError for a major schema
-    version this sttm-pipeline does not read.
-    """
+def _token_set_settings(store: TokenStore, key: str, problems: list[StoreProblem]) -> dict[str, Any] | None:
+    """The merge settings of the token set at ``key``, reading only their columns; None
+    (and a problem) when it cannot be read."""
     try:
-        with fs.open(path, "rb") as file:
-            parquet_file = pq.ParquetFile(file)
-            version = (parquet_file.schema_arrow.metadata or {}).get(SCHEMA_VERSION_KEY, b"").decode()
-            check_schema_version(TOKEN_SET, version, display)
-            missing = sorted(set(_SETTINGS_COLUMNS) - set(parquet_file.schema_arrow.names))
-            if missing:  # Parquet would silently leave them out of the read
-                raise CorruptObjectError(f"{display} lacks token_set columns {missing}")
-            # One row needs no thread pool (and Arrow's pool can abort at exit beside
-            # torch, apache/arrow#34314, as pipeline/store.py notes).
-            row = parquet_file.read(columns=list(_SETTINGS_COLUMNS), use_threads=False).to_pylist()[0]
-    except (OSError, ValueError) as error:
-        raise CorruptObjectError(f"{display} is not a readable token set ({error})") from None
+        row = store.read_token_set_fields(key, list(_SETTINGS_COLUMNS))
+    except SchemaVersionError:
+        raise  # not a damaged object: this sttm-pipeline is too old (or the object too old) to read it
+    except StoreError as error:
+        problems.append(StoreProblem(key, str(error)))
+        return None
     return {**row, "grid": tuple(row["grid"])}
 
 

@@ -61,6 +61,7 @@ class RunSummary:
     failures: list[dict[str, str]] = field(default_factory=list)
     store: str = ""
     config_fingerprint: str = ""
+    repaired: int = 0  # of the stored: had a token set or index entry that failed its checks
 
     @property
     def failure_rate(self) -> float:
@@ -70,7 +71,7 @@ class RunSummary:
         return {
             "run_id": self.run_id, "store": self.store, "config_fingerprint": self.config_fingerprint,
             "inputs": self.inputs, "stored": self.stored, "skipped": self.skipped, "failed": self.failed,
-            "failure_rate": round(self.failure_rate, 6), "bytes_written": self.bytes_written,
+            "repaired": self.repaired, "failure_rate": round(self.failure_rate, 6), "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
             "videos_per_minute": round(60 * (self.stored + self.skipped) / self.seconds, 3) if self.seconds else 0.0,
             "retention": self.retention, "failures": self.failures,
@@ -80,7 +81,8 @@ class RunSummary:
         d = self.to_dict()
         lines = [
             f"run {d['run_id']} -> {d['store']}",
-            f"  inputs {d['inputs']}: stored {d['stored']}, skipped {d['skipped']}, failed {d['failed']}",
+            f"  inputs {d['inputs']}: stored {d['stored']}, skipped {d['skipped']}, failed {d['failed']}"
+            + (f" (repaired {d['repaired']} of the stored)" if d["repaired"] else ""),
             f"  bytes written {d['bytes_written']:,}, {d['seconds']} s, {d['videos_per_minute']} videos/min",
         ]
         if self.retention:
@@ -215,6 +217,7 @@ def _record(store: TokenStore, config: PreprocessConfig, run_id: str, fingerprin
         run_id=run_id, store=store.url, config_fingerprint=fingerprint,
         inputs=len(rows), stored=counts["stored"], skipped=counts["skipped"], failed=counts["failed"],
         bytes_written=sum(row["bytes"] for row in stored), seconds=seconds,
+        repaired=sum(bool(row.get("repaired")) for row in stored),
         retention=dict(min=min(retentions), median=statistics.median(retentions),
                        mean=statistics.fmean(retentions), max=max(retentions)) if retentions else {},
         failures=[{k: row[k] for k in ("video_id", "stage", "error_type", "message")} for row in failures])

@@ -26,7 +26,7 @@ from pipeline.decode import DecodedVideo, SamplingPolicy, decode_video, fetch_vi
 from pipeline.errors import VideoError
 from pipeline.models import load_adapter
 from pipeline.models.base import merge_beside, resize_like_video_processor
-from pipeline.store import StoredTokenSet, TokenStore, token_set_key
+from pipeline.store import DAMAGED, VERIFIED, StoredTokenSet, TokenStore, token_set_key
 from pipeline.uris import redact_urls, sanitize_uri
 
 logger = logging.getLogger(__name__)
@@ -34,8 +34,10 @@ logger = logging.getLogger(__name__)
 PIPELINE_VERSION = importlib.metadata.version("sttm-pipeline")  # pyproject.toml is the one source
 
 # Columns of the rows the tokenize stage returns (and the job collects).
+# ``bytes``: token-set bytes this run wrote for the video (0 when they were already there);
+# ``repaired``: it was stored before, but its index entry or token set failed their checks.
 RESULT_COLUMNS = ("video_id", "uri", "status", "stage", "error_type", "message", "key", "content_hash",
-                  "num_tokens", "original_tokens", "bytes", "tau_s", "tau_t", "seconds")
+                  "num_tokens", "original_tokens", "bytes", "tau_s", "tau_t", "seconds", "repaired")
 
 
 def result_row(video_id: str, uri: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -100,7 +102,9 @@ class DecodeStage:
         started = time.perf_counter()
         try:
             fetched = fetch_video(uri, self.storage_options)
-            if self.store.exists(fetched.content_hash, self.config_fingerprint, video_id):
+            # Skip only a token set that verifies; a damaged one is stored again (a repair).
+            found = self.store.check(fetched.content_hash, self.config_fingerprint, video_id)
+            if found == VERIFIED:
                 key = token_set_key(fetched.content_hash, self.config_fingerprint)
                 return {**result_row(video_id, uri, "skipped", key=key, content_hash=fetched.content_hash,
                                      bytes=0), **_no_frames()}
@@ -116,7 +120,7 @@ class DecodeStage:
         frames = frames.contiguous().numpy()
         return {
             **result_row(video_id, uri, "decoded", content_hash=video.content_hash,
-                         seconds=time.perf_counter() - started),
+                         seconds=time.perf_counter() - started, repaired=found == DAMAGED),
             "frames": frames.tobytes(),
             "frames_shape": list(frames.shape),
             "frame_indices": list(video.frame_indices),
@@ -185,15 +189,16 @@ class TokenizeStage:
                 config_fingerprint=self.config_fingerprint, sampling=self.sampling,
                 frame_indices=video.frame_indices, timestamps=video.timestamps, model_extra=encoded.model_extra,
                 tokens=tokens, pipeline_version=PIPELINE_VERSION, run_id=self.run_id, deepstack=deepstack)
-            key = self.store.write(record)
-        except Exception as error:  # one bad video must not stop the job
+            written = self.store.put(record)
+        except Exception as error:  # one bad video (or one failed store request) must not stop the job
             logger.exception("video %s failed at %s", video_id, stage)
             return failed_row(video_id, uri, stage, error, content_hash=video.content_hash,
                               seconds=row["seconds"] + time.perf_counter() - started)
         return result_row(
-            video_id, uri, "stored", key=key, content_hash=video.content_hash, num_tokens=tokens.num_tokens,
-            original_tokens=record.original_tokens, bytes=self.store.object_size(key), tau_s=tokens.tau_s,
-            tau_t=tokens.tau_t, seconds=row["seconds"] + time.perf_counter() - started)
+            video_id, uri, "stored", key=written.key, content_hash=video.content_hash, num_tokens=tokens.num_tokens,
+            original_tokens=record.original_tokens, bytes=written.bytes_written, tau_s=tokens.tau_s,
+            tau_t=tokens.tau_t, seconds=row["seconds"] + time.perf_counter() - started,
+            repaired=bool(row.get("repaired")) or written.repaired)
 
 
 def sampling_dict(policy: SamplingPolicy) -> dict[str, Any]:

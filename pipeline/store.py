@@ -1,36 +1,48 @@
 """The token store: STTM token sets as Parquet objects on any fsspec filesystem.
 
-A store is a root URL (a local path, ``file://...`` or ``s3://bucket/prefix``) laid out as::
+A store is a root URL (a local path, ``file://...`` or ``s3://bucket/prefix``) laid out as
+four prefixes of Parquet files, each one kind of record that a dataset reader (pyarrow,
+Ray Data, DuckDB) can take whole (README "Reading the store")::
 
     tokens/<config_fingerprint>/sha256-<video content hex>.parquet   one token set
-    index/<video id hash>/<config_fingerprint>.json                   points a video id to it
-    manifests/<run_id>.parquet                                        what one run did
-    failures/<run_id>/<video id hash>.parquet                         why a video failed
+    index/<video id hash>/<config_fingerprint>.parquet              one id-table row: video id -> token set
+    manifests/<run_id>.parquet                                      what one run did
+    failures/<run_id>/<video id hash>.parquet                       why a video failed
 
 Every object's fields are defined in ``schemas/`` (token_set, index_entry, run_manifest,
-failure), which also holds the schema versions checked on every read.
+failure), which also holds the schema versions checked on every read. Stores written
+before index_entry 2.0 have JSON index entries (``index/<hash>/<config>.json``): they are
+still read, and replaced by Parquet ones when the video id is checked (a re-run) or
+written again.
 
 Why this layout:
 
-- Token sets are content-addressed: ``(video bytes, config)`` decides the tokens, so a
-  re-run or a second id with the same video finds the object that is already there.
+- Token sets are content-addressed: ``(video bytes, config)`` decides the tokens, and the
+  object holds nothing else (no video id, run id or time: those are in the index entry
+  and the manifest), so a re-run, a second id with the same video or a concurrent run
+  finds, or writes, the very same bytes.
 - A token set is one Parquet row whose features are one uncompressed binary value
   (``schemas/README.md`` has the measurements): it loads without per-value decoding,
   4-5x faster than numeric list columns, and the per-video fields (frames, timestamps,
   assignment) sit beside the tokens. A read takes the features straight out of their
   column chunk, in parallel pieces, each hashed as it arrives (:func:`_read_token_set`).
-- Reading by video id is one GET (``index/<hash>/<config>.json``) or, without a config,
+- Reading by video id is one GET (``index/<hash>/<config>.parquet``) or, without a config,
   one LIST of that id's own prefix: no object of another video is ever opened. The id is
   hashed because it is untrusted text: it can never form a path (``../../x``), exceed a
-  name length limit or collide by case on a case-insensitive disk.
+  name length limit or collide by case on a case-insensitive disk. An entry's ``key`` is
+  never trusted either: it must be the key its own content hash and config make.
 
-All or nothing: every object is written whole with one atomic step (local: a temp file in
-the same directory, fsync, rename; object stores: one PUT, or a multipart upload, which
-S3 makes visible only when it completes). The index entry is written after its token set,
-and readers only find token sets through index entries, so a writer that dies at any
-point leaves either a complete entry or none. (Leftovers of a killed writer are invisible:
-a ``.tmp`` file locally, uncompleted multipart parts on S3 -- give the bucket an
-AbortIncompleteMultipartUpload lifecycle rule.)
+All or nothing, and race-free: every object is written whole with one atomic step (local:
+a temp file in the same directory, fsync, then a hard link, which fails if the name
+exists, or a rename for objects that are replaced; object stores: one PUT, or a multipart
+upload, which S3 makes visible only when it completes, with ``If-None-Match: *`` for
+token sets). A token set is only ever created, never overwritten, unless the one in place
+fails its checks (a repair). Its index entry is written after it, from the object that is
+actually in place (its size, checksum and ETag), so whichever of two concurrent writers
+creates the object, both entries verify against it. Readers only find token sets through
+index entries, so a writer that dies at any point leaves either a complete entry or none.
+(Leftovers of a killed writer are invisible: a ``.tmp`` file locally, uncompleted
+multipart parts on S3 -- give the bucket an AbortIncompleteMultipartUpload lifecycle rule.)
 
 Credentials never leave the ``storage_options``: URIs are stored and shown without user
 info or query string (:func:`pipeline.uris.sanitize_uri`), and error messages name objects
@@ -57,6 +69,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset
 import pyarrow.parquet as pq
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -99,7 +112,16 @@ _PIECE_BYTES = 4 * 2**20
 # set's footer is about 12 KB; a longer one costs a second GET).
 _TAIL_BYTES = 64 * 2**10
 
+# What TokenStore.check finds for a video id: the skip decision of a re-run.
+VERIFIED = "verified"  # indexed, and the token set verifies against its entry: skip it
+MISSING = "missing"  # nothing stored for this id, content and config: store it
+DAMAGED = "damaged"  # an entry or token set is there but fails its checks: store it again (a repair)
+
 _CONTENT_HASH = re.compile(r"sha256:[0-9a-f]{64}")
+_TOKEN_SET_KEY = re.compile(r"tokens/[0-9a-f]{8,64}/sha256-[0-9a-f]{64}\.parquet")
+# The fields of a legacy (index_entry 1.x) JSON entry.
+_LEGACY_INDEX_FIELDS = ("schema_version", "video_id", "source_uri", "key", "content_hash", "config_fingerprint",
+                        "model_id", "num_tokens", "original_tokens", "object_bytes", "run_id", "created_at")
 _CONFIG_FINGERPRINT = re.compile(r"[0-9a-f]{8,64}")
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_FAILURE_MESSAGE_CHARS = 4000
@@ -204,6 +226,26 @@ class TokenSetSummary:
 
 
 @dataclass(frozen=True)
+class PutResult:
+    """What :meth:`TokenStore.put` did: ``bytes_written`` counts the token-set bytes this
+    call wrote (0 when the object was already there and verified); ``repaired`` says the
+    object was there but failed its checks and was replaced."""
+
+    key: str
+    object_bytes: int
+    bytes_written: int
+    repaired: bool
+
+
+@dataclass(frozen=True)
+class StoreProblem:
+    """An object a listing could not read (``key`` relative to the root) and why."""
+
+    key: str
+    message: str
+
+
+@dataclass(frozen=True)
 class ManifestEntry:
     """What a run did with one input video; ``status`` is one of MANIFEST_STATUSES."""
 
@@ -269,26 +311,39 @@ class TokenStore:
     # -- token sets ----------------------------------------------------------------------
 
     def write(self, record: StoredTokenSet) -> str:
-        """Store ``record`` and point its video id to it; returns the token set's key.
+        """Store ``record`` and point its video id to it; returns the token set's key
+        (:meth:`put` also says what was written)."""
+        return self.put(record).key
 
-        Idempotent: when the object for ``(content_hash, config_fingerprint)`` is already
-        there and intact it is kept as is (token set objects are immutable) and only the
-        index entry of ``record.video_id`` is (re)written.
+    def put(self, record: StoredTokenSet) -> PutResult:
+        """Store ``record`` and point its video id to it.
+
+        Idempotent and safe beside concurrent writers: the token set is created only if
+        no object has its key (token sets are immutable); one already there is kept
+        when it verifies, and replaced when it does not (a repair). The index entry of
+        ``record.video_id`` is then (re)written from the object in place.
         """
         _check_video_id(record.video_id)
         _check_run_id(record.run_id)
+        _check_aware(record.created_at)
         key = token_set_key(record.content_hash, record.config_fingerprint)
-        try:
-            stored, object_bytes = self._load_token_set(key, expected_bytes=None)
-            logger.info("token set %s already stored; linking video id %r", key, record.video_id)
-        except NotFoundError:
-            stored, object_bytes = record, self._put(key, _encode_token_set(record))
-        except CorruptObjectError as error:
-            logger.warning("replacing a corrupt token set: %s", error)
-            stored, object_bytes = record, self._put(key, _encode_token_set(record))
+        data = _encode_token_set(record)
+        stored, repaired = record, False
+        if self._put_object(key, data, if_absent=True):
+            object_bytes, object_checksum, bytes_written = len(data), _object_checksum(data), len(data)
+        else:
+            existing = self._get(key)
+            try:
+                stored = self._verified_existing(key, existing, data, record)
+                object_bytes, object_checksum, bytes_written = len(existing), _object_checksum(existing), 0
+                logger.info("token set %s already stored; linking video id %r", key, record.video_id)
+            except CorruptObjectError as error:
+                logger.warning("replacing a corrupt token set: %s", error)
+                self._put_object(key, data, if_absent=False)
+                object_bytes, object_checksum, bytes_written = len(data), _object_checksum(data), len(data)
+                repaired = True
 
         entry = {
-            "schema_version": INDEX_ENTRY.version,
             "video_id": record.video_id,
             "source_uri": sanitize_uri(record.source_uri),
             "key": key,
@@ -298,12 +353,13 @@ class TokenStore:
             "num_tokens": stored.num_tokens,
             "original_tokens": stored.original_tokens,
             "object_bytes": object_bytes,
+            "object_checksum": object_checksum,
+            "object_etag": self._object_info(key)[1],
             "run_id": record.run_id,
-            "created_at": _utc_now().isoformat(),
+            "created_at": record.created_at,
         }
-        assert list(entry) == INDEX_ENTRY.field_names, "index entry fields drifted from schemas/"
-        self._put(index_key(record.video_id, record.config_fingerprint), canonical_json(entry).encode())
-        return key
+        self._write_index_entry(entry)
+        return PutResult(key=key, object_bytes=object_bytes, bytes_written=bytes_written, repaired=repaired)
 
     def read(self, video_id: str, config_fingerprint: str | None = None) -> StoredTokenSet:
         """The token set of ``video_id`` (under ``config_fingerprint``, which may be left
@@ -312,28 +368,46 @@ class TokenStore:
         Raises NotFoundError, AmbiguousError, CorruptObjectError, SchemaVersionError.
         """
         entry = self._index_entry(video_id, config_fingerprint)
-        record, _ = self._load_token_set(entry["key"], expected_bytes=entry["object_bytes"])
-        if record.video_id != video_id:
-            # The same video content was first stored under another id: the object is
-            # shared, the identity is the one asked for.
-            record = replace(record, video_id=video_id, source_uri=entry["source_uri"])
-        return record
+        return self._load_token_set(entry["key"], entry)
+
+    def check(self, content_hash: str, config_fingerprint: str, video_id: str) -> str:
+        """What a re-run should do with ``video_id``: VERIFIED (skip it: its index entry
+        points to this content and config, and the token set verifies against the
+        entry), MISSING (store it) or DAMAGED (store it again: the entry is unreadable,
+        or the token set is missing, truncated or fails its checksum).
+
+        Reads what it must: on an object store the object's size and ETag (one HEAD)
+        when they match the entry's, else, and on local disk, the whole object, hashed
+        against the entry's checksum. Raises SchemaVersionError for an entry of a newer
+        major version (it is not overwritten), StoreError when the store cannot be read.
+        """
+        key = token_set_key(content_hash, config_fingerprint)
+        try:
+            entry = self._index_entry(video_id, config_fingerprint)
+        except NotFoundError:
+            return MISSING
+        except CorruptObjectError as error:
+            logger.warning("%s; video id %r will be stored again", error, video_id)
+            return DAMAGED
+        if entry["key"] != key:
+            return MISSING  # the id now names other video content
+        try:
+            self._verify_against_entry(entry)
+        except (CorruptObjectError, NotFoundError) as error:
+            logger.warning("%s; video id %r will be stored again", error, video_id)
+            return DAMAGED
+        return VERIFIED
 
     def exists(self, content_hash: str, config_fingerprint: str, video_id: str | None = None) -> bool:
         """Whether the token set of this video content and config is stored.
 
-        With ``video_id``, also whether that id reads it back: the check a re-run should
-        skip on (without it, a second id with the same content would never be indexed).
+        With ``video_id``, whether :meth:`check` finds it VERIFIED for that id: the check
+        a re-run should skip on (without it, a second id with the same content would
+        never be indexed).
         """
-        key = token_set_key(content_hash, config_fingerprint)
-        size = self._size_or_none(key)
-        if video_id is None or size is None:
-            return size is not None
-        try:
-            entry = self._index_entry(video_id, config_fingerprint)
-        except NotFoundError:
-            return False
-        return entry["key"] == key and entry["object_bytes"] == size
+        if video_id is not None:
+            return self.check(content_hash, config_fingerprint, video_id) == VERIFIED
+        return self._size_or_none(token_set_key(content_hash, config_fingerprint)) is not None
 
     def object_size(self, key: str) -> int:
         """Bytes of the stored object ``key`` (as returned by ``write``)."""
@@ -342,16 +416,29 @@ class TokenStore:
             raise NotFoundError(f"no object {self._display(key)}")
         return size
 
-    def list(self, config_fingerprint: str | None = None) -> list[TokenSetSummary]:
-        """One summary per (video id, config), sorted by video id; reads index entries only."""
+    def list(self, config_fingerprint: str | None = None, problems: list[StoreProblem] | None = None
+             ) -> list[TokenSetSummary]:
+        """One summary per (video id, config), sorted by video id; reads index entries only.
+
+        With a ``problems`` list, a damaged entry is appended to it and left out instead
+        of raising (SchemaVersionError is always raised).
+        """
         if config_fingerprint is not None:
             _check_config_fingerprint(config_fingerprint)
-        keys = self._list_keys("index", suffix=".json")
+        keys = self._index_keys("index")
         if config_fingerprint is not None:
-            keys = [key for key in keys if posixpath.basename(key) == f"{config_fingerprint}.json"]
+            keys = [key for key in keys if _config_of_index_key(key) == config_fingerprint]
         summaries = []
         for key, data in self._get_many(keys).items():
-            entry = self._parse_index_entry(key, data)
+            try:
+                entry = self._parse_index_entry(key, data)
+            except SchemaVersionError:
+                raise  # not damage: this sttm-pipeline cannot read it (the message says why)
+            except StoreError as error:
+                if problems is None:
+                    raise
+                problems.append(StoreProblem(key, str(error)))
+                continue
             summaries.append(
                 TokenSetSummary(
                     video_id=entry["video_id"],
@@ -364,10 +451,50 @@ class TokenStore:
                     original_tokens=entry["original_tokens"],
                     bytes=entry["object_bytes"],
                     run_id=entry["run_id"],
-                    created_at=datetime.fromisoformat(entry["created_at"]),
+                    created_at=entry["created_at"],
                 )
             )
         return sorted(summaries, key=lambda s: (s.video_id, s.config_fingerprint))
+
+    def read_token_set_fields(self, key: str, names: list[str]) -> dict[str, Any]:
+        """The fields ``names`` of the token set at ``key`` (a key :meth:`list` gives),
+        reading only their columns: never the features, unless asked for.
+
+        Raises StoreError for a key that is not a token set's, and the errors of a read.
+        """
+        if not _TOKEN_SET_KEY.fullmatch(key):
+            raise StoreError(f"refusing key {key!r:.200}: not a token set key")
+        display = self._display(key)
+        with self._open_object(key) as source:
+            try:
+                metadata = source.footer()
+                _check_schema(TOKEN_SET, metadata.metadata, display)
+                missing = sorted(set(names) - set(metadata.schema.to_arrow_schema().names))
+                if missing:  # Parquet would silently leave them out of the read
+                    raise CorruptObjectError(f"{display} lacks {TOKEN_SET.name} columns {missing}")
+                return source.read_columns(metadata, list(names)).to_pylist()[0]
+            except (pa.ArrowException, OSError, ValueError, IndexError) as error:
+                raise CorruptObjectError(f"{display} is not a readable Parquet file ({error})") from None
+
+    # -- the store as datasets -----------------------------------------------------------
+
+    def dataset(self, kind: str) -> pyarrow.dataset.Dataset:
+        """One prefix of the store as a pyarrow dataset: ``"tokens"`` (one row per token
+        set), ``"index"`` (the id table: one row per video id and config), ``"manifests"``
+        or ``"failures"``; on any filesystem, with this store's storage options.
+
+        Takes the prefix's Parquet files only (a store written before index_entry 2.0
+        also has JSON entries there, which are left out), read with the current schema
+        (columns older token sets have beyond it are not read). Join tokens and index on
+        ``(content_hash, config_fingerprint)``; README "Reading the store" shows how, and
+        how to read the store with Ray Data and DuckDB.
+        """
+        schemas_by_kind = {"tokens": TOKEN_SET, "index": INDEX_ENTRY, "manifests": RUN_MANIFEST, "failures": FAILURE}
+        if kind not in schemas_by_kind:
+            raise ValueError(f"kind must be one of {sorted(schemas_by_kind)}, got {kind!r}")
+        paths = [self._path(key) for key in self._list_keys(kind, suffix=".parquet")]
+        return pyarrow.dataset.dataset(paths, schema=schemas_by_kind[kind].arrow_schema(), format="parquet",
+                                       filesystem=self._fs)
 
     # -- run manifests and failures ------------------------------------------------------
 
@@ -400,24 +527,24 @@ class TokenStore:
             ],
         }
         key = f"manifests/{manifest.run_id}.parquet"
-        self._put(key, _encode_one_row(RUN_MANIFEST, row))
+        self._put_object(key, _encode_one_row(RUN_MANIFEST, row), if_absent=False)
         return key
 
-    def list_manifests(self) -> list[RunManifest]:
-        """Every run manifest, sorted by start time."""
-        manifests = []
-        for key, data in self._get_many(self._list_keys("manifests", suffix=".parquet")).items():
+    def list_manifests(self, problems: list[StoreProblem] | None = None) -> list[RunManifest]:
+        """Every run manifest, sorted by start time (``problems``: as in :meth:`list`)."""
+
+        def manifest(key: str, data: bytes) -> RunManifest:
             row = _decode_one_row(RUN_MANIFEST, data, self._display(key))
-            manifests.append(
-                RunManifest(
-                    run_id=row["run_id"],
-                    pipeline_version=row["pipeline_version"],
-                    started_at=row["started_at"],
-                    finished_at=row["finished_at"],
-                    job_config=json.loads(row["job_config_json"]),
-                    entries=[ManifestEntry(**entry) for entry in row["entries"]],
-                )
+            return RunManifest(
+                run_id=row["run_id"],
+                pipeline_version=row["pipeline_version"],
+                started_at=row["started_at"],
+                finished_at=row["finished_at"],
+                job_config=json.loads(row["job_config_json"]),
+                entries=[ManifestEntry(**entry) for entry in row["entries"]],
             )
+
+        manifests = self._decode_each(self._list_keys("manifests", suffix=".parquet"), manifest, problems)
         return sorted(manifests, key=lambda m: (m.started_at, m.run_id))
 
     def write_failure(self, failure: FailureRecord) -> str:
@@ -439,72 +566,175 @@ class TokenStore:
             "created_at": _check_aware(failure.created_at),
         }
         key = f"failures/{failure.run_id}/{_video_id_hash(failure.video_id)}.parquet"
-        self._put(key, _encode_one_row(FAILURE, row))
+        self._put_object(key, _encode_one_row(FAILURE, row), if_absent=False)
         return key
 
-    def list_failures(self, run_id: str | None = None) -> list[FailureRecord]:
-        """Failure records of one run, or of every run; sorted by time."""
+    def list_failures(self, run_id: str | None = None, problems: list[StoreProblem] | None = None
+                      ) -> list[FailureRecord]:
+        """Failure records of one run, or of every run; sorted by time (``problems``: as
+        in :meth:`list`)."""
         prefix = "failures"
         if run_id is not None:
             _check_run_id(run_id)
             prefix = f"failures/{run_id}"
-        records = []
-        for key, data in self._get_many(self._list_keys(prefix, suffix=".parquet")).items():
-            records.append(FailureRecord(**_decode_one_row(FAILURE, data, self._display(key))))
+
+        def failure(key: str, data: bytes) -> FailureRecord:
+            return FailureRecord(**_decode_one_row(FAILURE, data, self._display(key)))
+
+        records = self._decode_each(self._list_keys(prefix, suffix=".parquet"), failure, problems)
         return sorted(records, key=lambda f: (f.created_at, f.video_id))
+
+    def _decode_each(self, keys: list[str], decode: Any, problems: list[StoreProblem] | None) -> list[Any]:
+        """``decode(key, data)`` of each object; one that is damaged goes to ``problems``
+        when given (else raises). SchemaVersionError is always raised."""
+        decoded = []
+        for key, data in self._get_many(keys).items():
+            try:
+                decoded.append(decode(key, data))
+            except SchemaVersionError:
+                raise
+            except (StoreError, ValueError, TypeError) as error:
+                if problems is None:
+                    raise
+                problems.append(StoreProblem(key, str(error)))
+        return decoded
 
     # -- index entries -------------------------------------------------------------------
 
     def _index_entry(self, video_id: str, config_fingerprint: str | None) -> dict[str, Any]:
+        """The index entry of ``video_id`` (under ``config_fingerprint``, or its only one),
+        Parquet or, in stores written before index_entry 2.0, JSON."""
         _check_video_id(video_id)
         if config_fingerprint is not None:
-            key = index_key(video_id, config_fingerprint)
-            try:
-                data = self._get(key)
-            except NotFoundError:
-                raise NotFoundError(
-                    f"no token set for video id {video_id!r} with config {config_fingerprint} in {self.url}"
-                ) from None
-        else:
-            keys = self._list_keys(f"index/{_video_id_hash(video_id)}", suffix=".json")
-            if not keys:
-                raise NotFoundError(f"no token set for video id {video_id!r} in {self.url}")
-            if len(keys) > 1:
-                configs = ", ".join(posixpath.basename(key).removesuffix(".json") for key in keys)
-                raise AmbiguousError(
-                    f"video id {video_id!r} has token sets under {len(keys)} configs in {self.url} "
-                    f"({configs}); pass config_fingerprint"
-                )
-            key = keys[0]
-            data = self._get(key)
-        entry = self._parse_index_entry(key, data)
-        if entry["video_id"] != video_id:
-            raise CorruptObjectError(f"{self._display(key)} is the index entry of another video id")
-        return entry
+            for key in (index_key(video_id, config_fingerprint), _legacy_index_key(video_id, config_fingerprint)):
+                try:
+                    return self._parse_index_entry(key, self._get(key))
+                except NotFoundError:
+                    continue
+            raise NotFoundError(
+                f"no token set for video id {video_id!r} with config {config_fingerprint} in {self.url}"
+            )
+        keys = self._index_keys(f"index/{_video_id_hash(video_id)}")
+        if not keys:
+            raise NotFoundError(f"no token set for video id {video_id!r} in {self.url}")
+        if len(keys) > 1:
+            configs = ", ".join(_config_of_index_key(key) for key in keys)
+            raise AmbiguousError(
+                f"video id {video_id!r} has token sets under {len(keys)} configs in {self.url} "
+                f"({configs}); pass --config-fingerprint (config_fingerprint in Python)"
+            )
+        return self._parse_index_entry(keys[0], self._get(keys[0]))
+
+    def _index_keys(self, prefix: str) -> list[str]:
+        """Index entry keys under ``prefix``: one per (video id, config), the Parquet entry
+        where a legacy JSON one of the same id and config is left beside it."""
+        keys = {key.removesuffix(".json") + ".parquet": key for key in self._list_keys(prefix, suffix=".json")}
+        keys.update({key: key for key in self._list_keys(prefix, suffix=".parquet")})
+        return sorted(keys.values())
 
     def _parse_index_entry(self, key: str, data: bytes) -> dict[str, Any]:
+        """The entry at ``key`` as a dict of index_entry fields (a legacy JSON entry has
+        ``object_checksum`` and ``object_etag`` None), after checking it names only what
+        its key allows: the token set of its own content hash and config, for the video
+        id and config its key is made of."""
+        display = self._display(key)
+        if key.endswith(".json"):
+            entry = _parse_legacy_index_entry(data, display)
+        else:
+            entry = _decode_one_row(INDEX_ENTRY, data, display)
         try:
-            entry = json.loads(data)
-            found_version = entry["schema_version"]
-        except (ValueError, TypeError, KeyError) as error:
-            raise CorruptObjectError(f"{self._display(key)} is not a readable index entry ({error})") from None
-        check_schema_version(INDEX_ENTRY, found_version, self._display(key))
-        missing = [name for name in INDEX_ENTRY.field_names if name not in entry]
-        if missing:
-            raise CorruptObjectError(f"{self._display(key)} lacks index entry fields {missing}")
+            expected_key = token_set_key(entry["content_hash"], entry["config_fingerprint"])
+            own_key = index_key(entry["video_id"], entry["config_fingerprint"])
+        except (ValueError, TypeError, AttributeError) as error:
+            raise CorruptObjectError(f"{display} is not a valid index entry ({error})") from None
+        if entry["key"] != expected_key:
+            raise CorruptObjectError(f"{display} names object {entry['key']!r:.200}, not its token set {expected_key}")
+        if own_key.removesuffix(".parquet") != key.removesuffix(".json").removesuffix(".parquet"):
+            raise CorruptObjectError(f"{display} is the index entry of another video id or config")
         return entry
+
+    def _write_index_entry(self, entry: dict[str, Any]) -> None:
+        """Write ``entry`` (index_entry fields), then delete the JSON entry a store written
+        before index_entry 2.0 may hold for its id and config: the index/ prefix then
+        holds Parquet only."""
+        self._put_object(index_key(entry["video_id"], entry["config_fingerprint"]),
+                         _encode_one_row(INDEX_ENTRY, entry), if_absent=False)
+        key = _legacy_index_key(entry["video_id"], entry["config_fingerprint"])
+        try:
+            if self._is_local:
+                os.remove(self._path(key))
+            elif self._size_or_none(key) is not None:  # a HEAD: writers may lack delete rights
+                self._fs.rm_file(self._path(key))
+        except FileNotFoundError:
+            pass
 
     # -- token set objects ---------------------------------------------------------------
 
-    def _load_token_set(self, key: str, expected_bytes: int | None) -> tuple[StoredTokenSet, int]:
-        """The token set at ``key`` and the object's size, checked end to end."""
+    def _load_token_set(self, key: str, entry: Mapping[str, Any]) -> StoredTokenSet:
+        """The token set at ``key``, checked end to end, as the index ``entry`` names it."""
         display = self._display(key)
         with self._open_object(key) as source:
-            if expected_bytes is not None and source.size != expected_bytes:
+            if source.size != entry["object_bytes"]:
                 raise CorruptObjectError(
-                    f"{display} has {source.size} bytes, its index entry says {expected_bytes}: truncated or replaced"
+                    f"{display} has {source.size} bytes, its index entry says {entry['object_bytes']}: "
+                    "truncated or replaced"
                 )
-            return _read_token_set(source, display), source.size
+            record = _read_token_set(source, display, entry)
+        if token_set_key(record.content_hash, record.config_fingerprint) != key:
+            raise CorruptObjectError(f"{display} holds the token set of another video or config")
+        return record
+
+    def _verified_existing(self, key: str, existing: bytes, ours: pa.Buffer, record: StoredTokenSet
+                           ) -> StoredTokenSet:
+        """The token set already at ``key`` (bytes ``existing``), after checking it; it
+        is ``record`` when its bytes are the ones we would write (the usual case: they
+        depend only on content and config). Raises CorruptObjectError."""
+        if pa.py_buffer(existing).equals(ours):
+            return record
+        display = self._display(key)
+        stored = _read_token_set(_BufferObject(existing, display), display, record.__dict__)
+        if token_set_key(stored.content_hash, stored.config_fingerprint) != key:
+            raise CorruptObjectError(f"{display} holds the token set of another video or config")
+        return stored
+
+    def _verify_against_entry(self, entry: Mapping[str, Any]) -> None:
+        """Check the token set in place is the one ``entry`` was written for; raises
+        CorruptObjectError or NotFoundError."""
+        key, display = entry["key"], self._display(entry["key"])
+        if entry["object_checksum"] is None:  # a legacy entry: verify the token set itself
+            self._upgrade_legacy_entry(entry)
+            return
+        size, etag = self._object_info(key)
+        if size != entry["object_bytes"]:
+            raise CorruptObjectError(
+                f"{display} has {size} bytes, its index entry says {entry['object_bytes']}: truncated or replaced"
+            )
+        if etag is not None and etag == entry["object_etag"]:
+            return  # the object store says it is the object verified when the entry was written
+        with self._open_object(key) as source:
+            actual = _source_checksum(source)
+        if actual != entry["object_checksum"]:
+            raise CorruptObjectError(f"{display} does not match the checksum its index entry records")
+
+    def _upgrade_legacy_entry(self, entry: Mapping[str, Any]) -> None:
+        """Verify the token set a legacy (JSON) ``entry`` points to, reading it whole,
+        then write the entry as the current Parquet one with the object's checksum and
+        ETag: a re-run moves an older store's index to the current layout as it checks
+        it. Raises CorruptObjectError or NotFoundError."""
+        key, display = entry["key"], self._display(entry["key"])
+        data = self._get(key)
+        if len(data) != entry["object_bytes"]:
+            raise CorruptObjectError(
+                f"{display} has {len(data)} bytes, its index entry says {entry['object_bytes']}: truncated or replaced"
+            )
+        stored = _read_token_set(_BufferObject(data, display), display, entry)
+        if token_set_key(stored.content_hash, stored.config_fingerprint) != key:
+            raise CorruptObjectError(f"{display} holds the token set of another video or config")
+        self._write_index_entry({
+            **{name: entry[name] for name in INDEX_ENTRY.field_names},
+            "object_checksum": _object_checksum(data),
+            "object_etag": self._object_info(key)[1],
+        })
 
     @contextlib.contextmanager
     def _open_object(self, key: str) -> Iterator[_LocalObject | _RemoteObject]:
@@ -522,30 +752,37 @@ class TokenStore:
     # -- objects: keys, atomic writes, reads, listings -----------------------------------
 
     def _path(self, key: str) -> str:
-        # Keys are built only from validated hex digests, fingerprints and run ids; this
+        # Keys are built only from validated hex digests, fingerprints and run ids, and
+        # keys read from index entries are checked against the key they must be; this
         # check makes sure no key, however built, can leave the root.
         parts = key.split("/")
-        if any(part in ("", ".", "..") for part in parts) or "\\" in key:
-            raise StoreError(f"refusing key {key!r}: it could leave the store root")
+        if any(part in ("", ".", "..") for part in parts) or "\\" in key or "\x00" in key:
+            raise StoreError(f"refusing key {key!r:.200}: it could leave the store root")
         return f"{self._root}/{key}"
 
     def _display(self, key: str) -> str:
         return f"{self.url}/{key}"
 
-    def _put(self, key: str, data: bytes | pa.Buffer) -> int:
-        """Write ``data`` at ``key`` all at once or not at all; returns its size."""
+    def _put_object(self, key: str, data: bytes | pa.Buffer, if_absent: bool) -> bool:
+        """Write ``data`` at ``key`` all at once or not at all. With ``if_absent``, only
+        if no object has that key (atomically: S3 ``If-None-Match: *``, locally a hard
+        link); returns whether it was written."""
         path = self._path(key)
         try:
             if self._is_local:
-                _write_local_atomically(path, data)
+                written = _write_local_atomically(path, data, replace=not if_absent)
             else:
                 # One PUT, or for large data a multipart upload; either becomes visible
                 # only when complete.
-                self._fs.pipe_file(path, bytes(data))
+                try:
+                    self._fs.pipe_file(path, bytes(data), mode="create" if if_absent else "overwrite")
+                    written = True
+                except FileExistsError:  # the precondition If-None-Match: * failed
+                    written = False
         except OSError as error:
             raise StoreError(f"could not write {self._display(key)}: {redact_urls(str(error))}") from error
-        logger.debug("wrote %s (%d bytes)", self._display(key), len(data))
-        return len(data)
+        logger.debug("%s %s (%d bytes)", "wrote" if written else "found", self._display(key), len(data))
+        return written
 
     def _get(self, key: str) -> bytes:
         with _reading(self._display(key)):
@@ -555,15 +792,22 @@ class TokenStore:
         """``{key: bytes}``, fetched concurrently where the filesystem can (s3fs)."""
         if not keys:
             return {}
-        by_path = self._fs.cat([self._path(key) for key in keys])
+        with _reading(self.url):
+            by_path = self._fs.cat([self._path(key) for key in keys])
         return {key: by_path[self._path(key)] for key in keys}
 
-    def _size_or_none(self, key: str) -> int | None:
+    def _object_info(self, key: str) -> tuple[int, str | None]:
+        """Size and ETag (None where the filesystem has none) of the object at ``key``."""
         path = self._path(key)
         self._fs.invalidate_cache(path)  # another process may have written it
+        with _reading(self._display(key)):
+            info = self._fs.info(path)
+        return info["size"], info.get("ETag")
+
+    def _size_or_none(self, key: str) -> int | None:
         try:
-            return self._fs.size(path)
-        except FileNotFoundError:
+            return self._object_info(key)[0]
+        except NotFoundError:
             return None
 
     def _list_keys(self, prefix: str, suffix: str) -> list[str]:
@@ -591,9 +835,38 @@ def token_set_key(content_hash: str, config_fingerprint: str) -> str:
 
 
 def index_key(video_id: str, config_fingerprint: str) -> str:
-    """``index/<video id hash>/<config>.json``: where a video id's index entry lives."""
+    """``index/<video id hash>/<config>.parquet``: where a video id's index entry lives."""
     _check_config_fingerprint(config_fingerprint)
-    return f"index/{_video_id_hash(video_id)}/{config_fingerprint}.json"
+    return f"index/{_video_id_hash(video_id)}/{config_fingerprint}.parquet"
+
+
+def _legacy_index_key(video_id: str, config_fingerprint: str) -> str:
+    """Where index_entry 1.x put the entry: the same name, as JSON."""
+    return index_key(video_id, config_fingerprint).removesuffix(".parquet") + ".json"
+
+
+def _config_of_index_key(key: str) -> str:
+    return posixpath.basename(key).removesuffix(".json").removesuffix(".parquet")
+
+
+def _parse_legacy_index_entry(data: bytes, display: str) -> dict[str, Any]:
+    """An index_entry 1.x JSON entry as a dict of the current fields (the object's
+    checksum and ETag unknown: None)."""
+    try:
+        entry = json.loads(data)
+        found_version = entry["schema_version"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise CorruptObjectError(f"{display} is not a readable index entry ({error})") from None
+    check_schema_version(INDEX_ENTRY, str(found_version), display)
+    missing = [name for name in _LEGACY_INDEX_FIELDS if name not in entry]
+    if missing:
+        raise CorruptObjectError(f"{display} lacks index entry fields {missing}")
+    try:
+        created_at = datetime.fromisoformat(entry["created_at"])
+    except (TypeError, ValueError) as error:
+        raise CorruptObjectError(f"{display} is not a readable index entry ({error})") from None
+    return {**{name: entry[name] for name in INDEX_ENTRY.field_names if name in entry},
+            "object_checksum": None, "object_etag": None, "created_at": created_at}
 
 
 def _video_id_hash(video_id: str) -> str:
@@ -635,9 +908,12 @@ def _check_aware(moment: datetime) -> datetime:
 # Local files
 
 
-def _write_local_atomically(path: str, data: bytes | pa.Buffer) -> None:
-    """Temp file in the same directory, fsync, rename over ``path``, fsync the directory:
-    after a crash ``path`` is the old file or the new one, never part of one."""
+def _write_local_atomically(path: str, data: bytes | pa.Buffer, replace: bool) -> bool:
+    """Temp file in the same directory, fsync, then into place, fsync the directory:
+    after a crash ``path`` is the old file or the new one, never part of one. With
+    ``replace`` a rename puts it over any file there; without, a hard link puts it there
+    only if no file is (atomically, even against other processes); returns whether it was
+    put in place."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
     temp_path = os.path.join(directory, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
@@ -646,16 +922,22 @@ def _write_local_atomically(path: str, data: bytes | pa.Buffer) -> None:
             temp_file.write(data)
             temp_file.flush()
             os.fsync(temp_file.fileno())
-        os.replace(temp_path, path)
-    except BaseException:
+        if replace:
+            os.replace(temp_path, path)
+        else:
+            try:
+                os.link(temp_path, path)
+            except FileExistsError:
+                return False
+    finally:
         if os.path.exists(temp_path):
             os.remove(temp_path)
-        raise
     directory_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(directory_fd)
     finally:
         os.close(directory_fd)
+    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -755,6 +1037,56 @@ class _RemoteObject:
             if len(blob) != end - start:
                 raise CorruptObjectError(f"{self._display} ends before byte {end}")
         return blobs
+
+
+class _BufferObject:
+    """An object already in memory (what a writer found at a token set's key)."""
+
+    def __init__(self, data: bytes, display: str):
+        self._data, self._display = data, display
+        self.size = len(data)
+
+    def footer(self) -> pq.FileMetaData:
+        return pq.read_metadata(pa.BufferReader(self._data))
+
+    def read_columns(self, metadata: pq.FileMetaData, names: list[str]) -> pa.Table:
+        return _read_parquet_columns(pa.BufferReader(self._data), metadata, names)
+
+    def read_into(self, offset: int, out: np.ndarray) -> None:
+        piece = self._data[offset : offset + out.nbytes]
+        if len(piece) != out.nbytes:
+            raise CorruptObjectError(f"{self._display} ends at byte {offset + len(piece)}, inside its features")
+        out[:] = np.frombuffer(piece, dtype=np.uint8)
+
+
+def _object_checksum(data: bytes | pa.Buffer) -> str:
+    """What index entries record of a token-set object: ``"sha256-pieces:<hex>"``, the
+    SHA-256 of the SHA-256 digests of its consecutive ``_PIECE_BYTES`` pieces (hashed in
+    parallel, as the payload checksum is)."""
+    view = memoryview(data)
+    pieces = [view[offset : offset + _PIECE_BYTES] for offset in range(0, len(view), _PIECE_BYTES)]
+    return _checksum_of_digests(list(_pool().map(_sha256_digest, pieces)))
+
+
+def _source_checksum(source: _LocalObject | _RemoteObject) -> str:
+    """:func:`_object_checksum` of the object ``source``, its pieces read and hashed in
+    parallel threads, one piece in memory per thread."""
+
+    def piece_digest(offset: int) -> bytes:
+        piece = np.empty(min(_PIECE_BYTES, source.size - offset), dtype=np.uint8)
+        source.read_into(offset, piece)
+        return _sha256_digest(piece)
+
+    pieces = [_pool().submit(piece_digest, offset) for offset in range(0, source.size, _PIECE_BYTES)]
+    concurrent.futures.wait(pieces)  # every read finishes, failed or not, before the source closes
+    return _checksum_of_digests([piece.result() for piece in pieces])
+
+
+def _checksum_of_digests(piece_digests: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for piece_digest in piece_digests:
+        digest.update(piece_digest)
+    return f"{_PIECES_CHECKSUM}:{digest.hexdigest()}"
 
 
 def _read_parquet_columns(file: Any, metadata: pq.FileMetaData, names: list[str]) -> pa.Table:
@@ -860,12 +1192,12 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
         )
     tokens = _checked_cpu_tokens(record.tokens)
     n, c = tokens.features.shape
+    # Content and config only (schemas/token_set.json): who asked for it, when and in
+    # which run is written into the index entry, so every writer writes the same bytes.
     deepstack = None if record.deepstack is None else record.deepstack.to("cpu").contiguous()
     if deepstack is not None and (deepstack.dim() != 3 or deepstack.shape[1:] != (n, c) or deepstack.dtype != tokens.features.dtype):
         raise ValueError(f"deepstack must be [L, {n}, {c}] {tokens.features.dtype}, got {list(deepstack.shape)} {deepstack.dtype}")
     row = {
-        "video_id": record.video_id,
-        "source_uri": sanitize_uri(record.source_uri),
         "content_hash": record.content_hash,
         "model_id": record.model_id,
         "model_revision": record.model_revision,
@@ -897,14 +1229,16 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
         "deepstack": None if deepstack is None else _one_binary_value(_raw_bytes(deepstack)),
         "payload_checksum": payload_checksum(tokens) if deepstack is None else payload_checksum(tokens, deepstack),
         "pipeline_version": record.pipeline_version,
-        "run_id": record.run_id,
-        "created_at": _check_aware(record.created_at),
     }
     return _encode_one_row(TOKEN_SET, row, uncompressed=("features", "deepstack"))
 
 
-def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> StoredTokenSet:
-    """The token set in ``source``, checked end to end.
+def _read_token_set(
+    source: _LocalObject | _RemoteObject | _BufferObject, display: str, identity: Mapping[str, Any]
+) -> StoredTokenSet:
+    """The token set in ``source``, checked end to end, as a record of the video id,
+    source URI, run id and creation time in ``identity`` (its index entry: token sets
+    hold none of them; those of schema 1.x and 2.x do, and are read the same way).
 
     Arrow reads the footer and every column but the features, verifying their page CRCs
     (they are small). The features are read straight out of their column chunk
@@ -971,8 +1305,8 @@ def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> Store
     if actual != checksum:
         raise CorruptObjectError(f"{display}: token payload does not match its checksum {checksum}")
     return StoredTokenSet(
-        video_id=row["video_id"],
-        source_uri=row["source_uri"],
+        video_id=identity["video_id"],
+        source_uri=identity["source_uri"],
         content_hash=row["content_hash"],
         model_id=row["model_id"],
         model_revision=row["model_revision"],
@@ -984,8 +1318,8 @@ def _read_token_set(source: _LocalObject | _RemoteObject, display: str) -> Store
         model_extra=json.loads(row["model_extra_json"]),
         tokens=tokens,
         pipeline_version=row["pipeline_version"],
-        run_id=row["run_id"],
-        created_at=row["created_at"],
+        run_id=identity["run_id"],
+        created_at=identity["created_at"],
         merge_layer=row["merge_layer"],
         payload_checksum=checksum,
         deepstack=deepstack,

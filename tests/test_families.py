@@ -229,8 +229,8 @@ def test_deepstack_levels_round_trip_bit_exactly_and_are_checksummed(tmp_path):
         store.read(record.video_id)
 
 
-def test_token_set_of_schema_2_0_without_deepstack_columns_is_still_read(tmp_path, monkeypatch):
-    """Objects written before 2.1 lack the two optional columns; they read as before."""
+def test_token_set_of_an_older_schema_without_deepstack_columns_is_still_read(tmp_path, monkeypatch):
+    """Objects of schema 2.0 lack the two optional columns; they read as before."""
     old_schema = dataclasses.replace(
         schemas.TOKEN_SET,
         version="2.0",

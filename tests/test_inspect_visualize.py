@@ -48,7 +48,7 @@ from pipeline.visualize import (
     draw_budget_curve,
     visualize_stored_video,
 )
-from test_store import at_version, make_record, write_as_schema_1_0
+from test_store import RawStore, at_version, make_record, write_legacy
 
 MODEL = "tiny-random:llava-onevision"
 FRAMES = 4
@@ -258,20 +258,28 @@ def test_inspect_names_a_token_set_its_index_points_to_but_is_gone(pipeline_stor
     (store / key).unlink()
     result = CliRunner().invoke(main, ["inspect", str(store)])
     assert result.exit_code == 1
-    assert f"{store}/{key} is not a readable token set" in result.output
+    assert f"{store}/{key}: {store}/{key} does not exist" in result.output
+    # The report goes on: the other videos are still listed.
+    others = [s.video_id for s in TokenStore(str(store)).list() if s.key != key]
+    assert others and all(video_id in result.output for video_id in others)
 
 
 def test_inspect_reads_token_sets_of_schema_1_0_and_refuses_a_future_major(tmp_path, monkeypatch):
     store = TokenStore(str(tmp_path))
     old = make_record("old-video")
-    write_as_schema_1_0(store, old)
+
+    def put(key: str, data: bytes) -> None:
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_bytes(data)
+
+    write_legacy(RawStore(store, lambda key: (tmp_path / key).read_bytes(), put), old, "1.0")
     assert [row.video_id for row in summarize_store(str(tmp_path)).videos] == ["old-video"]
     assert summarize_store(str(tmp_path)).videos[0].tau_s == old.tokens.tau_s
 
-    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.0"))
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "4.0"))
     key = store.write(make_record("future-video", video_bytes=b"other bytes"))
     monkeypatch.undo()
-    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 3\.0"):
+    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 4\.0"):
         summarize_store(str(tmp_path))
 
 

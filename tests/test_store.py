@@ -195,11 +195,11 @@ class RawStore:
 def raw_store(request, tmp_path) -> RawStore:
     """A store on local disk, or on the S3 server."""
     if request.param == "local":
-        return RawStore(
-            TokenStore(str(tmp_path)),
-            lambda key: (tmp_path / key).read_bytes(),
-            lambda key, data: (tmp_path / key).write_bytes(data),
-        )
+        def put(key: str, data: bytes) -> None:
+            (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / key).write_bytes(data)
+
+        return RawStore(TokenStore(str(tmp_path)), lambda key: (tmp_path / key).read_bytes(), put)
     s3_server = request.getfixturevalue("s3_server")
     store, bucket = s3_store(s3_server)
     client = s3_server.client()
@@ -372,7 +372,7 @@ def test_rerun_is_idempotent(s3_server):
     token_key = f"store/{key}"
     assert objects_after_rerun[token_key] == objects_after_first_run[token_key], "token sets are never rewritten"
     assert len(store.list()) == 1
-    assert store.read(record.video_id).run_id == "run-1"
+    assert store.read(record.video_id).run_id == "run-2", "the index entry names the run that last wrote it"
 
 
 def test_same_video_content_under_two_ids_shares_one_object(s3_server):
@@ -392,7 +392,7 @@ def test_same_video_content_under_two_ids_shares_one_object(s3_server):
 
 # Runs in a child process: writes one big token set and hangs where part of it is written,
 # announcing "MID_WRITE" so the test can SIGKILL it there. On S3 that is after the first
-# multipart part; locally, before the rename of the object under the folder `hang_at`
+# multipart part; locally, before the object under the folder `hang_at` is put in place
 # ("tokens": the token set is in its temp file; "index": it is in place, its index entry
 # is in a temp file).
 _WRITER_CHILD = r"""
@@ -417,12 +417,17 @@ if url.startswith("s3://"):
         return out
     s3fs.S3FileSystem._call_s3 = call_s3_then_hang
 else:
-    rename = os.replace
+    # Token sets are put in place with a hard link (create only), index entries with a rename.
+    rename, link = os.replace, os.link
     def rename_or_hang(source, target):
         if f"/{hang_at}/" in target:
             announce_and_hang()
         rename(source, target)
-    os.replace = rename_or_hang
+    def link_or_hang(source, target):
+        if f"/{hang_at}/" in target:
+            announce_and_hang()
+        link(source, target)
+    os.replace, os.link = rename_or_hang, link_or_hang
 
 TokenStore(url, storage_options).write(make_record(**BIG_RECORD[num_tokens]))
 print("FINISHED", flush=True)
@@ -555,8 +560,8 @@ def test_unknown_payload_checksum_kind_is_a_corrupt_object_error(tmp_path, monke
 def test_garbage_index_entry_is_a_corrupt_object_error(tmp_path):
     store = TokenStore(str(tmp_path))
     store.write(make_record())
-    (entry_path,) = tmp_path.glob("index/*/*.json")
-    entry_path.write_text("{not json")
+    (entry_path,) = tmp_path.glob("index/*/*.parquet")
+    entry_path.write_text("{not parquet")
     with pytest.raises(CorruptObjectError, match=str(entry_path.relative_to(tmp_path))):
         store.read("video-1")
 
@@ -569,9 +574,10 @@ def at_version(schema: schemas.RecordSchema, version: str) -> schemas.RecordSche
     return replace(schema, version=version)
 
 
-def test_token_set_reads_schema_majors_1_and_2_other_records_only_their_own():
-    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("2.1", (1, 2))
-    for schema in (schemas.INDEX_ENTRY, schemas.RUN_MANIFEST, schemas.FAILURE):
+def test_token_sets_and_index_entries_read_their_older_majors_other_records_only_their_own():
+    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("3.0", (1, 2, 3))
+    assert (schemas.INDEX_ENTRY.version, schemas.INDEX_ENTRY.reads_majors) == ("2.0", (1, 2))
+    for schema in (schemas.RUN_MANIFEST, schemas.FAILURE):
         assert schema.reads_majors == (schema.major,), schema.name
 
 
@@ -579,24 +585,27 @@ def test_store_written_with_a_newer_major_version_is_refused(s3_server, monkeypa
     store, _ = s3_store(s3_server)
     record = make_record()
     # Write the store as a future sttm-pipeline with newer major versions would.
-    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.0"))
-    monkeypatch.setattr(store_module, "INDEX_ENTRY", at_version(schemas.INDEX_ENTRY, "2.0"))
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "4.0"))
+    monkeypatch.setattr(store_module, "INDEX_ENTRY", at_version(schemas.INDEX_ENTRY, "3.0"))
     store.write(record)
     monkeypatch.undo()
 
-    with pytest.raises(SchemaVersionError, match=r"index_entry schema version 2\.0.*upgrade sttm-pipeline"):
+    with pytest.raises(SchemaVersionError, match=r"index_entry schema version 3\.0.*upgrade sttm-pipeline"):
         store.read(record.video_id)
-    with pytest.raises(SchemaVersionError, match=r"2\.0"):
+    with pytest.raises(SchemaVersionError, match=r"3\.0"):
         store.list()
+    # A re-run neither skips nor overwrites what a newer sttm-pipeline wrote.
+    with pytest.raises(SchemaVersionError):
+        store.check(record.content_hash, CONFIG, record.video_id)
 
 
 def test_token_set_of_a_newer_major_version_is_refused_naming_it(tmp_path, monkeypatch):
     store = TokenStore(str(tmp_path))
     record = make_record()
-    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.0"))
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "4.0"))
     key = store.write(record)
     monkeypatch.undo()
-    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 3\.0.*upgrade"):
+    with pytest.raises(SchemaVersionError, match=rf"{key} was written with token_set schema version 4\.0.*upgrade"):
         store.read(record.video_id)
 
 
@@ -613,26 +622,59 @@ def test_token_set_of_a_major_version_no_longer_read_is_refused_naming_it(tmp_pa
 def test_newer_minor_version_is_still_read(tmp_path, monkeypatch):
     store = TokenStore(str(tmp_path))
     record = make_record()
-    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "2.7"))
-    monkeypatch.setattr(store_module, "INDEX_ENTRY", at_version(schemas.INDEX_ENTRY, "1.7"))
+    monkeypatch.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "3.7"))
+    monkeypatch.setattr(store_module, "INDEX_ENTRY", at_version(schemas.INDEX_ENTRY, "2.7"))
     store.write(record)
     monkeypatch.undo()
     assert_same_record(store.read(record.video_id), record)
 
 
-def write_as_schema_1_0(store: TokenStore, record: StoredTokenSet) -> str:
-    """Write ``record`` as sttm-pipeline did with token_set schema 1.0: the same layout,
-    with the whole-stream "sha256:" payload checksum."""
+LEGACY_SCHEMAS = TESTS_DIR / "data" / "legacy_schemas"
+
+
+def legacy_schema(file_name: str, version: str) -> schemas.RecordSchema:
+    """A schema as an older sttm-pipeline shipped it (copied from its schemas/)."""
+    spec = json.loads((LEGACY_SCHEMAS / file_name).read_text())
+    return schemas.RecordSchema(
+        name=spec["name"], version=version, description=spec["description"],
+        fields=tuple(schemas._field_spec(field) for field in spec["fields"]), reads_majors=(int(version[0]),),
+    )
+
+
+def write_legacy(raw_store: RawStore, record: StoredTokenSet, token_set_version: str = "2.0") -> str:
+    """Write ``record`` as sttm-pipeline did before token_set 3.0 and index_entry 2.0: the
+    token set with the video id, source, run id and time inside (schema 1.0 with the
+    whole-stream "sha256:" payload checksum), and a JSON index entry beside it."""
+    old_schema = legacy_schema("token_set_2.0.json", token_set_version)
+    identity = {"video_id": record.video_id, "source_uri": sanitize_uri(record.source_uri),
+                "run_id": record.run_id, "created_at": record.created_at}
+    encode = store_module._encode_one_row
+
+    def encode_old(schema, row, uncompressed=()):
+        old_row = {**row, **identity}
+        return encode(old_schema, {name: old_row[name] for name in old_schema.field_names}, uncompressed)
+
     with pytest.MonkeyPatch.context() as old_writer:
-        old_writer.setattr(store_module, "TOKEN_SET", at_version(schemas.TOKEN_SET, "1.0"))
-        old_writer.setattr(store_module, "payload_checksum", stream_checksum)
-        return store.write(record)
+        old_writer.setattr(store_module, "_encode_one_row", encode_old)
+        if token_set_version.startswith("1."):
+            old_writer.setattr(store_module, "payload_checksum", stream_checksum)
+        data = store_module._encode_token_set(record).to_pybytes()
+    key = token_set_key(record.content_hash, record.config_fingerprint)
+    raw_store.put(key, data)
+    entry = {"schema_version": "1.0", **identity, "key": key, "content_hash": record.content_hash,
+             "config_fingerprint": record.config_fingerprint, "model_id": record.model_id,
+             "num_tokens": record.num_tokens, "original_tokens": record.original_tokens, "object_bytes": len(data),
+             "created_at": datetime.now(timezone.utc).isoformat()}
+    entry["created_at"] = record.created_at.isoformat()
+    legacy_key = store_module.index_key(record.video_id, record.config_fingerprint).replace(".parquet", ".json")
+    raw_store.put(legacy_key, json.dumps(entry).encode())
+    return key
 
 
 def test_token_set_of_schema_1_0_is_still_read(raw_store, monkeypatch):
     monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)  # read in pieces, hashed as one stream
     record = make_record(num_tokens=500, channels=256, grid=(4, 16, 16))
-    key = write_as_schema_1_0(raw_store.store, record)
+    key = write_legacy(raw_store, record, "1.0")
     stored = pq.read_table(io.BytesIO(raw_store.get(key)), columns=["payload_checksum"])
     assert stored.schema.metadata[b"sttm.schema_version"] == b"1.0"
     assert stored.column("payload_checksum")[0].as_py().startswith("sha256:")
@@ -644,7 +686,7 @@ def test_corrupt_token_set_of_schema_1_0_is_a_corrupt_object_error(raw_store, mo
     monkeypatch.setattr(store_module, "_PIECE_BYTES", SMALL_PIECE)
     store = raw_store.store
     record = make_record(num_tokens=500, channels=256, grid=(4, 16, 16))
-    key = write_as_schema_1_0(store, record)
+    key = write_legacy(raw_store, record, "1.0")
     raw_store.put(key, flip_bit_inside(raw_store.get(key), tensor_bytes(record.tokens.features)))
     with pytest.raises(CorruptObjectError, match=f"{store.url}/{key}: token payload does not match .* sha256:"):
         store.read(record.video_id)
