@@ -1150,7 +1150,7 @@ def payload_checksum(tokens: TokenSet, deepstack: torch.Tensor | None = None) ->
 def _pieces_checksum(tokens: TokenSet, piece_digests: list[bytes], deepstack: torch.Tensor | None = None) -> str:
     """``"sha256-pieces:<hex>"`` (schema 2.x): SHA-256 of the header line, the SHA-256
     digest of each ``_PIECE_BYTES`` piece of the features, then the raw bytes of frame,
-    box, num_patches and assignment, then (2.1, when stored) the SHA-256 digest of the
+    box, num_patches and assignment, then (when stored) the SHA-256 digest of the
     DeepStack bytes (schemas/README.md). The pieces are hashed in parallel, on write and
     as they are read."""
     digest = hashlib.sha256(_checksum_header(tokens))
