@@ -447,7 +447,7 @@ def test_store_errors_on_mismatched_records_and_stores_stay(tmp_path):
 
 
 def test_a_store_error_after_the_write_is_a_failed_row_and_bytes_count_what_was_written(tmp_path, monkeypatch):
-    from pipeline.models.base import load_adapter
+    from pipeline.models import load_adapter
     from pipeline.stages import TokenizeStage
 
     model = "tiny-random:llava-onevision"
