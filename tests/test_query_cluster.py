@@ -182,3 +182,88 @@ def test_rerun_answers_nothing_twice_and_other_options_answer_again(local_run, s
     assert summary["num_answered"] == len(ANSWERED_IDS)
     keyed = [line for line in output_lines(out_path) if "answer" in line and line["key"]["max_new_tokens"] == 2]
     assert {line["id"] for line in keyed} == ANSWERED_IDS
+
+
+def problems_by_input(summary):
+    return {problem.get("id", problem.get("line")): problem["error"] for problem in summary["problems"]}
+
+
+def benchmark_path(tmp_path):
+    """A Video-MME-format benchmark over the first videos, and one record of an unknown video."""
+    options = ["A. A rabbit.", "B. Bikes.", "C. A car.", "D. Nothing."]
+    records = [{"videoID": f"v{index:02d}", "question_id": f"{index:03d}-1", "question": "What is in the video?",
+                "options": options, "answer": "AB"[index % 2], "duration": "short"} for index in range(4)]
+    records.append({"videoID": "no-such-video", "question_id": "999-1", "question": "?", "options": options,
+                    "answer": "A"})
+    path = tmp_path / "benchmark.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def eval_rows(store, benchmark, out_path, *extra):
+    result = CliRunner().invoke(main, ["eval", store.url, "--model", MODEL, "--dtype", "float32", "--benchmark",
+                                       str(benchmark), "--out", str(out_path), "--json", *extra])
+    assert result.exit_code == 1, result.output  # the unknown video
+    summary = json.loads(result.stdout)
+    rows = {row["question_id"]: {key: row.get(key) for key in ("response", "predicted", "correct", "error")}
+            for row in output_lines(out_path)}
+    return summary, rows
+
+
+def test_query_and_eval_on_a_two_node_cluster_match_the_local_run(local_run, store, questions_path, tmp_path):
+    local_summary, reference = local_run
+    benchmark = benchmark_path(tmp_path)
+    with one_thread():
+        local_eval, local_rows = eval_rows(store, benchmark, tmp_path / "local-eval.jsonl")
+    out_path = tmp_path / "answers.jsonl"
+    on_cluster = query_args(store, questions_path, out_path, "--workers", "2")
+
+    with two_node_cluster() as (cluster, _):
+        summary = run_cli([*on_cluster, "--address", cluster.address])
+        assert not ray.is_initialized()  # the command disconnected again
+        written = out_path.read_bytes()
+        rerun = run_cli([*on_cluster, "--address", cluster.address])
+        cluster_eval, cluster_rows = eval_rows(store, benchmark, tmp_path / "eval.jsonl", "--address", cluster.address)
+
+    assert answers_by_id(out_path) == answers_by_id(reference)
+    assert problems_by_input(summary) == problems_by_input(local_summary)
+    assert summary["num_answered"] == len(ANSWERED_IDS)
+    assert (rerun["num_answered"], rerun["num_already_answered"]) == (0, len(ANSWERED_IDS))
+    assert out_path.read_bytes() == written
+    assert cluster_rows == local_rows
+    assert "no token set" in cluster_rows["999-1"]["error"]
+    assert {k: cluster_eval[k] for k in ("accuracy", "num_answered", "num_failed")} == {
+        k: local_eval[k] for k in ("accuracy", "num_answered", "num_failed")}
+
+
+def test_a_node_removed_mid_run_loses_and_duplicates_nothing(local_run, store, questions_path, tmp_path):
+    _, reference = local_run
+    out_path = tmp_path / "answers.jsonl"
+    key = QueryKey.of(store=store.url, config_fingerprint=None, model=MODEL, dtype="float32", **DECODING)
+
+    def answer(questions):
+        return answer_on_ray(questions, store_url=store.url, model_spec=MODEL, dtype="float32", workers=2, **DECODING)
+
+    def answered():
+        return out_path.exists() and '"answer"' in out_path.read_text()
+
+    with two_node_cluster() as (cluster, worker):
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        outcome = {}
+        job = threading.Thread(target=lambda: outcome.update(summary=run_query(questions_path, out_path, key, answer)))
+        job.start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not answered():
+            time.sleep(0.02)
+        assert job.is_alive(), "the job ended before the node could be removed"
+        cluster.remove_node(worker)
+        job.join(timeout=600)
+        assert not job.is_alive()
+        first = outcome["summary"]
+        second = run_query(questions_path, out_path, key, answer)
+
+    assert answers_by_id(out_path) == answers_by_id(reference)
+    assert first.num_answered + second.num_answered == len(ANSWERED_IDS)
+    assert second.num_already_answered == first.num_answered
+    lost = [problem for problem in first.problems if "no result came back" in problem["error"]]
+    assert first.num_answered + len(lost) == len(ANSWERED_IDS)
