@@ -196,7 +196,7 @@ def query(store_url, model_spec, device, dtype, config_fingerprint, address, wor
         click.echo(f"prefill {timings['prefill_s']:.3f} s (once per video), answers {timings['answer_s']:.3f} s, "
                    f"prefix reuse saved {timings['saved_s']:.3f} s of prefill")
         for problem in summary.problems:
-            where = f"line {problem['line']}" if "line" in problem else f"question {problem['id']!r} ({problem['video_id']})"
+            where = f"line {problem['line']}" if "line" in problem else f"question {problem['id']} ({problem['video_id']})"
             click.echo(f"problem: {where}: {problem['error']}", err=True)
     if summary.problems:
         raise SystemExit(1)

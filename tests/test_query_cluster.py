@@ -20,8 +20,8 @@ from ray.cluster_utils import Cluster
 
 from pipeline.cli import main
 from pipeline.models import load_adapter, resolve_model
-from pipeline.query_job import QueryKey, answer_on_ray, run_query
-from pipeline.store import TokenStore, token_set_key
+from pipeline.query_job import QueryKey
+from pipeline.store import TokenStore
 from query_setup import decode_sample, stored_token_set, with_features
 
 MODEL = "tiny-random:llava-onevision"
@@ -210,47 +210,21 @@ def eval_rows(store, benchmark, out_path, *extra):
     return summary, rows
 
 
-def test_query_and_eval_on_a_two_node_cluster_match_the_local_run(local_run, store, questions_path, tmp_path):
+def test_on_a_two_node_cluster_losing_a_node_mid_run_loses_and_doubles_nothing(local_run, store, questions_path,
+                                                                             tmp_path):
     local_summary, reference = local_run
-    benchmark = benchmark_path(tmp_path)
-    with one_thread():
-        local_eval, local_rows = eval_rows(store, benchmark, tmp_path / "local-eval.jsonl")
     out_path = tmp_path / "answers.jsonl"
-    on_cluster = query_args(store, questions_path, out_path, "--workers", "2")
-
-    with two_node_cluster() as (cluster, _):
-        summary = run_cli([*on_cluster, "--address", cluster.address])
-        assert not ray.is_initialized()  # the command disconnected again
-        written = out_path.read_bytes()
-        rerun = run_cli([*on_cluster, "--address", cluster.address])
-        cluster_eval, cluster_rows = eval_rows(store, benchmark, tmp_path / "eval.jsonl", "--address", cluster.address)
-
-    assert answers_by_id(out_path) == answers_by_id(reference)
-    assert problems_by_input(summary) == problems_by_input(local_summary)
-    assert summary["num_answered"] == len(ANSWERED_IDS)
-    assert (rerun["num_answered"], rerun["num_already_answered"]) == (0, len(ANSWERED_IDS))
-    assert out_path.read_bytes() == written
-    assert cluster_rows == local_rows
-    assert "no token set" in cluster_rows["999-1"]["error"]
-    assert {k: cluster_eval[k] for k in ("accuracy", "num_answered", "num_failed")} == {
-        k: local_eval[k] for k in ("accuracy", "num_answered", "num_failed")}
-
-
-def test_a_node_removed_mid_run_loses_and_duplicates_nothing(local_run, store, questions_path, tmp_path):
-    _, reference = local_run
-    out_path = tmp_path / "answers.jsonl"
-    key = QueryKey.of(store=store.url, config_fingerprint=None, model=MODEL, dtype="float32", **DECODING)
-
-    def answer(questions):
-        return answer_on_ray(questions, store_url=store.url, model_spec=MODEL, dtype="float32", workers=2, **DECODING)
+    args = query_args(store, questions_path, out_path, "--workers", "2")
 
     def answered():
         return out_path.exists() and '"answer"' in out_path.read_text()
 
     with two_node_cluster() as (cluster, worker):
+        # Connected here, so the command (in a thread) uses this connection and keeps it.
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        args += ["--address", cluster.address]
         outcome = {}
-        job = threading.Thread(target=lambda: outcome.update(summary=run_query(questions_path, out_path, key, answer)))
+        job = threading.Thread(target=lambda: outcome.update(summary=run_cli(args)))
         job.start()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not answered():
@@ -260,10 +234,33 @@ def test_a_node_removed_mid_run_loses_and_duplicates_nothing(local_run, store, q
         job.join(timeout=600)
         assert not job.is_alive()
         first = outcome["summary"]
-        second = run_query(questions_path, out_path, key, answer)
+        second = run_cli(args)  # answers what the first run could not, if anything
+        written = out_path.read_bytes()
+        third = run_cli(args)
 
+    # The same answers as in one process, each once; every bad input reported as there.
     assert answers_by_id(out_path) == answers_by_id(reference)
-    assert first.num_answered + second.num_answered == len(ANSWERED_IDS)
-    assert second.num_already_answered == first.num_answered
-    lost = [problem for problem in first.problems if "no result came back" in problem["error"]]
-    assert first.num_answered + len(lost) == len(ANSWERED_IDS)
+    assert problems_by_input(second) == problems_by_input(local_summary)
+    lost = problems_by_input(first).keys() - problems_by_input(local_summary).keys()
+    assert all("no result came back" in problems_by_input(first)[id_] for id_ in lost)
+    assert first["num_answered"] + len(lost) == len(ANSWERED_IDS), first
+    assert (second["num_answered"], second["num_already_answered"]) == (len(lost), first["num_answered"])
+    assert (third["num_answered"], third["num_already_answered"]) == (0, len(ANSWERED_IDS))
+    assert out_path.read_bytes() == written  # the third run wrote nothing
+
+
+def test_eval_on_an_embedded_local_ray_matches_the_local_run(store, tmp_path):
+    benchmark = benchmark_path(tmp_path)
+    with one_thread():
+        local_summary, local_rows = eval_rows(store, benchmark, tmp_path / "local.jsonl")
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
+
+    summary, rows = eval_rows(store, benchmark, tmp_path / "ray.jsonl", "--workers", "2")
+
+    assert not ray.is_initialized()  # the command's own Ray is gone
+    assert (address_file.read_text() if address_file.exists() else None) == before  # nor did it join or leave one
+    assert rows == local_rows
+    assert "no token set" in rows["999-1"]["error"]
+    keys = ("accuracy", "num_questions", "num_answered", "num_failed", "by_category")
+    assert {key: summary[key] for key in keys} == {key: local_summary[key] for key in keys}
