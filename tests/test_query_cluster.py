@@ -7,6 +7,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -204,10 +209,12 @@ def eval_rows(store, benchmark, out_path, *extra):
     result = CliRunner().invoke(main, ["eval", store.url, "--model", MODEL, "--dtype", "float32", "--benchmark",
                                        str(benchmark), "--out", str(out_path), "--json", *extra])
     assert result.exit_code == 1, result.output  # the unknown video
-    summary = json.loads(result.stdout)
-    rows = {row["question_id"]: {key: row.get(key) for key in ("response", "predicted", "correct", "error")}
+    return json.loads(result.stdout), read_eval_rows(out_path)
+
+
+def read_eval_rows(out_path):
+    return {row["question_id"]: {key: row.get(key) for key in ("response", "predicted", "correct", "error")}
             for row in output_lines(out_path)}
-    return summary, rows
 
 
 def test_on_a_two_node_cluster_losing_a_node_mid_run_loses_and_doubles_nothing(local_run, store, questions_path,
@@ -253,14 +260,25 @@ def test_eval_on_an_embedded_local_ray_matches_the_local_run(store, tmp_path):
     benchmark = benchmark_path(tmp_path)
     with one_thread():
         local_summary, local_rows = eval_rows(store, benchmark, tmp_path / "local.jsonl")
-    address_file = Path(get_ray_address_file(None))
-    before = address_file.read_text() if address_file.exists() else None
+    out_path = tmp_path / "ray.jsonl"
+    # The real command in its own process (its stdout is the real one), with a Ray temp
+    # dir of its own that names a dead cluster as the machine's last: a plain ray.init()
+    # would try to join it; the command must start its own.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rq", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    try:
+        address_file = Path(get_ray_address_file(str(ray_tmp / "ray")))
+        address_file.parent.mkdir()
+        address_file.write_text("127.0.0.1:9")
+        command = [sys.executable, "-m", "pipeline.cli", "eval", store.url, "--model", MODEL, "--dtype", "float32",
+                   "--benchmark", str(benchmark), "--out", str(out_path), "--workers", "2", "--json"]
+        result = subprocess.run(command, env=os.environ | {"RAY_TMPDIR": str(ray_tmp)}, capture_output=True, text=True,
+                                timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
-    summary, rows = eval_rows(store, benchmark, tmp_path / "ray.jsonl", "--workers", "2")
-
-    assert not ray.is_initialized()  # the command's own Ray is gone
-    assert (address_file.read_text() if address_file.exists() else None) == before  # nor did it join or leave one
-    assert rows == local_rows
-    assert "no token set" in rows["999-1"]["error"]
+    assert result.returncode == 1, result.stderr[-3000:]  # the unknown video
+    summary = json.loads(result.stdout)  # exactly one JSON document on stdout
+    assert read_eval_rows(out_path) == local_rows
+    assert "no token set" in local_rows["999-1"]["error"]
     keys = ("accuracy", "num_questions", "num_answered", "num_failed", "by_category")
     assert {key: summary[key] for key in keys} == {key: local_summary[key] for key in keys}
