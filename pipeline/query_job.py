@@ -43,7 +43,7 @@ from pipeline.fingerprint import canonical_json
 from pipeline.query import Question, QuestionResult, answer_questions, prefix_reuse_timings, read_questions
 from pipeline.stages import batch_to_rows, rows_to_batch
 from pipeline.store import StoreError, StoredTokenSet, TokenStore
-from pipeline.uris import sanitize_uri
+from pipeline.uris import redact_urls, sanitize_uri
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +124,16 @@ def run_query(questions_path: str | Path, out_path: str | Path, key: QueryKey, a
     results: list[QuestionResult] = []
     with _appending(out_path) as out:
 
+        def write(record: dict[str, Any]) -> None:
+            out.write(json.dumps(record | {"key": key_json}, ensure_ascii=False) + "\n")
+            out.flush()
+
         def report(problem: dict[str, Any]) -> None:
             problems.append(problem)
             line = canonical_json(problem | {"key": key_json})
             if line not in written_errors:  # a re-run does not repeat the same report
                 written_errors.add(line)
-                out.write(line + "\n")
-                out.flush()
+                write(problem)
 
         for problem in input_problems:
             report({"line": problem.line, "error": problem.message})
@@ -143,8 +146,7 @@ def run_query(questions_path: str | Path, out_path: str | Path, key: QueryKey, a
                     report({"id": result.question.id, "video_id": result.question.video_id, "error": result.error})
                     continue
                 results.append(result)
-                out.write(json.dumps(result.to_json() | {"key": key_json}, ensure_ascii=False) + "\n")
-                out.flush()
+                write(result.to_json())
 
     timings = prefix_reuse_timings(results) | {"wall_s": round(time.perf_counter() - start, 6)}
     return QueryJobSummary(len(questions) + len(repeated), len(results), len(questions) - len(pending), problems, timings)
@@ -240,6 +242,9 @@ class ReadStage:
                 row["read_error"] = None
             except (StoreError, ValueError) as error:  # ValueError: a video id the store refuses
                 row["token_set"], row["read_error"] = None, str(error)
+            except Exception as error:  # noqa: BLE001 -- e.g. storage unreachable: reported, the job goes on
+                row["token_set"], row["read_error"] = None, redact_urls(
+                    f"reading the token set failed: {type(error).__name__}: {error}")
             row["load_s"] = time.perf_counter() - start
         return rows_to_batch(rows)
 

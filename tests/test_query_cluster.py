@@ -131,19 +131,29 @@ def local_run(store, questions_path, tmp_path_factory):
 
 @contextlib.contextmanager
 def two_node_cluster():
-    """A head and a worker node of 2 CPUs each, this process connected; shut down after,
-    leaving no ``ray_current_cluster`` file that points at it."""
+    """A head and a worker node of 2 CPUs each; shut down after. ``Cluster`` writes its
+    address to Ray's ``ray_current_cluster`` file, which a plain ``ray.init()`` elsewhere on
+    this machine would join (and, once it is shut down, hang on): the file is put back as
+    it was, right away and at the end. The test connects by address."""
+    address_file = Path(get_ray_address_file(None))
+    before = address_file.read_text() if address_file.exists() else None
+
+    def put_back():
+        if before is None:
+            address_file.unlink(missing_ok=True)
+        else:
+            address_file.write_text(before)
+
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    worker = cluster.add_node(num_cpus=2)
-    cluster.wait_for_nodes()
+    put_back()
     try:
+        worker = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
         yield cluster, worker
     finally:
         ray.shutdown()
         cluster.shutdown()
-        address_file = Path(get_ray_address_file(None))
-        if address_file.exists() and address_file.read_text().strip() == cluster.address:
-            address_file.unlink()
+        put_back()
 
 
 def test_local_run_answers_good_questions_and_reports_each_bad_input(local_run, store):
