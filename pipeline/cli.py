@@ -128,7 +128,7 @@ def _cluster_options(command):
     """Where the query and eval commands answer: in this process, or on Ray."""
     options = [
         click.option("--address", default=None,
-                     help="Ray cluster to answer on (its model actors read the store themselves); "
+                     help="Ray cluster to answer on (its nodes must reach the store); "
                           "default: this process, or a fresh local Ray with --workers > 1."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Model actors on Ray, one GPU each where there are GPUs "
