@@ -32,7 +32,7 @@ import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,17 +211,23 @@ def _appending(out_path: str | Path):
 def ray_session(address: str | None):
     """Ray for one job: the cluster at ``address``, or with none a fresh local Ray started
     for this job (never whatever cluster this machine last saw). Disconnects at the end
-    when it connected; a caller already connected keeps its connection."""
+    when it connected; a caller already connected keeps its connection.
+
+    Ray prints some of its messages (a task retried after its worker died, ...) to
+    ``sys.stdout``; while the job runs they go to stderr, so that stdout holds only what
+    the command prints (one JSON document with ``--json``).
+    """
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+    with redirect_stdout(sys.stderr):
+        if ray.is_initialized():
+            yield
+            return
+        ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 class ReadStage:

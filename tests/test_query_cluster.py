@@ -144,7 +144,8 @@ def two_node_cluster():
         else:
             address_file.write_text(before)
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # No dashboard: a process less to start, and no port shared with other Ray instances here.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
     put_back()
     try:
         worker = cluster.add_node(num_cpus=2)
@@ -241,7 +242,14 @@ def test_on_a_two_node_cluster_losing_a_node_mid_run_loses_and_doubles_nothing(l
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         args += ["--address", cluster.address]
         outcome = {}
-        job = threading.Thread(target=lambda: outcome.update(summary=run_cli(args)))
+
+        def first_run():
+            try:
+                outcome["summary"] = run_cli(args)
+            except BaseException as error:  # shown by the assertion below
+                outcome["error"] = error
+
+        job = threading.Thread(target=first_run)
         job.start()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not answered():
@@ -250,6 +258,7 @@ def test_on_a_two_node_cluster_losing_a_node_mid_run_loses_and_doubles_nothing(l
         cluster.remove_node(worker)
         job.join(timeout=600)
         assert not job.is_alive()
+        assert "summary" in outcome, repr(outcome.get("error"))
         first = outcome["summary"]
         second = run_cli(args)  # answers what the first run could not, if anything
         written = out_path.read_bytes()
