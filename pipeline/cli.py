@@ -1,6 +1,7 @@
 """The ``sttm`` command line: a thin layer over the pipeline's functions."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import click
@@ -123,47 +124,79 @@ def _load_engine(model_spec: str, device: str | None, dtype: str):
     return QueryEngine(model_spec, device=device, dtype=getattr(torch, _DTYPES[dtype]) if _DTYPES[dtype] else None)
 
 
+def _cluster_options(command):
+    """Where the query and eval commands answer: in this process, or on Ray."""
+    options = [
+        click.option("--address", default=None,
+                     help="Ray cluster to answer on (its nodes must reach the store); "
+                          "default: this process, or a fresh local Ray with --workers > 1."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Model actors on Ray, one GPU each where there are GPUs "
+                          "(default with --address: one per GPU of the cluster, else 1)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _answering(store_url, model_spec, device, dtype, config_fingerprint, address, workers, **decoding):
+    """``(answer, session)``: what answers a list of questions -- this process's engine
+    (loaded on first use), or model actors on Ray when --address or --workers > 1 asks for
+    it -- and the context to call it in (Ray joined or started for the command, or nothing)."""
+    from pipeline.query import answer_questions
+    from pipeline.query_job import answer_on_ray, ray_session
+    from pipeline.store import TokenStore
+
+    if address is None and (workers or 1) == 1:
+        return lambda questions: answer_questions(_load_engine(model_spec, device, dtype), TokenStore(store_url),
+                                                  questions, config_fingerprint=config_fingerprint,
+                                                  **decoding), contextlib.nullcontext()
+    return lambda questions: answer_on_ray(questions, store_url=store_url, model_spec=model_spec, dtype=_DTYPES[dtype],
+                                           device=device, workers=workers, config_fingerprint=config_fingerprint,
+                                           **decoding), ray_session(address)
+
+
 @main.command()
 @click.argument("store_url", metavar="STORE")
 @_model_options
+@_cluster_options
 @click.option("--questions", "questions_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help='JSONL, one {"video_id": ..., "question": ..., "id": optional} per line.')
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, writable=True),
-              help="Answers JSONL to write, one line per answered question.")
+              help="Answers JSONL to append to, one line per question; questions it already answers are skipped.")
 @click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--seed", default=None, type=int, help="Seed of the sampler (each question starts from it).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def query(store_url, model_spec, device, dtype, config_fingerprint, questions_path, out_path,
+def query(store_url, model_spec, device, dtype, config_fingerprint, address, workers, questions_path, out_path,
           max_new_tokens, do_sample, temperature, seed, as_json) -> None:
     """Answer the questions of a JSONL file about videos in STORE, prefilling each video once.
 
-    Exits with status 1 when some input line or video could not be used (the others are
-    still answered and written).
+    Resumable: answers already in --out for the same store, model and decoding options
+    are kept and not asked again. Exits with status 1 when some input line or video could
+    not be used (the others are still answered and written).
     """
-    from pipeline.query import run_questions_file
-    from pipeline.store import TokenStore
+    from pipeline.query_job import QueryKey, run_query
 
-    engine = _load_engine(model_spec, device, dtype)
+    decoding = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed)
+    key = QueryKey.of(store=store_url, config_fingerprint=config_fingerprint, model=model_spec, dtype=dtype, **decoding)
+    answer, session = _answering(store_url, model_spec, device, dtype, config_fingerprint, address, workers, **decoding)
     try:
-        summary = run_questions_file(
-            engine, TokenStore(store_url), questions_path, out_path, config_fingerprint=config_fingerprint,
-            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, seed=seed,
-        )
+        with session:
+            summary = run_query(questions_path, out_path, key, answer)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     if as_json:
-        click.echo(json.dumps(dict(num_questions=summary.num_questions, num_answered=summary.num_answered,
-                                   problems=summary.problems, timings=summary.timings)))
+        click.echo(json.dumps(summary.to_dict()))
     else:
         timings = summary.timings
         click.echo(f"answered {summary.num_answered} of {summary.num_questions} questions on {timings['num_videos']} "
-                   f"videos -> {out_path}")
+                   f"videos ({summary.num_already_answered} already answered) -> {out_path}")
         click.echo(f"prefill {timings['prefill_s']:.3f} s (once per video), answers {timings['answer_s']:.3f} s, "
                    f"prefix reuse saved {timings['saved_s']:.3f} s of prefill")
         for problem in summary.problems:
-            where = f"line {problem['line']}" if "line" in problem else f"question {problem['id']!r} ({problem['video_id']})"
+            where = f"line {problem['line']}" if "line" in problem else f"question {problem['id']} ({problem['video_id']})"
             click.echo(f"problem: {where}: {problem['error']}", err=True)
     if summary.problems:
         raise SystemExit(1)
@@ -172,6 +205,7 @@ def query(store_url, model_spec, device, dtype, config_fingerprint, questions_pa
 @main.command(name="eval")
 @click.argument("store_url", metavar="STORE")
 @_model_options
+@_cluster_options
 @click.option("--benchmark", "benchmark_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON list of multiple-choice records in Video-MME's layout.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, writable=True),
@@ -182,23 +216,23 @@ def query(store_url, model_spec, device, dtype, config_fingerprint, questions_pa
               "(repeatable; default: duration, domain, sub_category, task_type).")
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_(store_url, model_spec, device, dtype, config_fingerprint, benchmark_path, out_path, video_key,
+def eval_(store_url, model_spec, device, dtype, config_fingerprint, address, workers, benchmark_path, out_path, video_key,
           categories, max_new_tokens, as_json) -> None:
     """Score a multiple-choice video QA benchmark over the token sets in STORE.
 
     Exits with status 1 when some question's video could not be used (the others are
     still scored; accuracy is over answered questions).
     """
-    from pipeline.evaluate import CATEGORY_KEYS, BenchmarkError, evaluate, load_benchmark
-    from pipeline.store import TokenStore
+    from pipeline.evaluate import CATEGORY_KEYS, BenchmarkError, benchmark_questions, load_benchmark, score
 
     try:
         benchmark = load_benchmark(benchmark_path, video_key=video_key, category_keys=categories or CATEGORY_KEYS)
     except BenchmarkError as error:
         raise click.ClickException(str(error)) from None
-    engine = _load_engine(model_spec, device, dtype)
-    report = evaluate(engine, TokenStore(store_url), benchmark, config_fingerprint=config_fingerprint,
-                      max_new_tokens=max_new_tokens)
+    answer, session = _answering(store_url, model_spec, device, dtype, config_fingerprint, address, workers,
+                                 max_new_tokens=max_new_tokens)
+    with session:
+        report = score(benchmark, answer(benchmark_questions(benchmark)))
     with open(out_path, "w", encoding="utf-8") as out:
         for row in report.results:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -20,6 +20,7 @@ import json
 import re
 import string
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,10 +193,20 @@ def evaluate(
 ) -> EvalReport:
     """Answer every ``benchmark`` question greedily from the store's token sets, one
     shared prefix per video, and score the extracted letters."""
-    questions = [Question(id=index, video_id=item.video_id, text=item.prompt()) for index, item in enumerate(benchmark)]
-    results: list[QuestionResult] = list(
-        answer_questions(engine, store, questions, config_fingerprint=config_fingerprint, max_new_tokens=max_new_tokens)
-    )
+    questions = benchmark_questions(benchmark)
+    return score(benchmark, answer_questions(engine, store, questions, config_fingerprint=config_fingerprint,
+                                             max_new_tokens=max_new_tokens))
+
+
+def benchmark_questions(benchmark: list[MultipleChoiceQuestion]) -> list[Question]:
+    """The questions to put to the model; a question's id is its record's index."""
+    return [Question(id=index, video_id=item.video_id, text=item.prompt()) for index, item in enumerate(benchmark)]
+
+
+def score(benchmark: list[MultipleChoiceQuestion], results: Iterable[QuestionResult]) -> EvalReport:
+    """Score the ``results`` of ``benchmark_questions(benchmark)``, answered greedily
+    wherever (in this process or on Ray), against the records' answers."""
+    results = list(results)
     rows = []
     tallies: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     for result in results:

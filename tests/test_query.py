@@ -509,8 +509,9 @@ def test_query_command(model_cache, store, tmp_path):
     summary = json.loads(result.stdout)
     assert (summary["num_questions"], summary["num_answered"]) == (3, 2)
     assert summary["problems"][0]["video_id"] == "nope"
-    assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()] == [1, 2]
+    lines = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [(line["id"], "answer" in line) for line in lines] == [("1", True), ("2", True), ("3", False)]
 
-    result = CliRunner().invoke(main, args)
-    assert "answered 2 of 3 questions on 1 videos" in result.stdout
+    result = CliRunner().invoke(main, args)  # a re-run: the answers are there already
+    assert "answered 0 of 3 questions on 0 videos (2 already answered)" in result.stdout
     assert "problem: question 3 (nope): no token set for video id 'nope'" in result.stderr
