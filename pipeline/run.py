@@ -59,8 +59,10 @@ class LostVideoError(RuntimeError):
     that nothing is lost silently)."""
 
 
-class RunInterrupted(Exception):
-    """SIGTERM or SIGINT arrived during the run; ``signal_name`` says which."""
+class RunInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived during the run; ``signal_name`` says which. A
+    BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way
+    (Ray Data's included) takes it for an error of its own."""
 
     def __init__(self, signum: int):
         self.signum = signum

@@ -238,5 +238,7 @@ def test_signal_ends_the_run_with_its_manifest(tmp_path, own_ray_dir, signum):
     manifest = store.list_manifests()[0]
     assert sorted(e.video_id for e in manifest.entries) == ids
     interrupted = {f.video_id for f in store.list_failures(manifest.run_id) if f.error_type == "RunInterrupted"}
-    assert interrupted == {e.video_id for e in manifest.entries if e.status == "failed"}
-    assert 1 <= summary["stored"] and len(interrupted) >= 1
+    # Unfinished as far as the driver knows (a video stored by a worker whose result had
+    # not come back counts here and is skipped by the next run).
+    assert interrupted == {e.video_id for e in manifest.entries if e.status == "failed"} and interrupted
+    assert summary["stored"] + summary["failed"] == len(ids)
