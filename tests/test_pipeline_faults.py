@@ -4,6 +4,7 @@ or printed, ids kept as given, one JSON document on stdout, clean SIGTERM/SIGINT
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -242,3 +243,37 @@ def test_signal_ends_the_run_with_its_manifest(tmp_path, own_ray_dir, signum):
     # not come back counts here and is skipped by the next run).
     assert interrupted == {e.video_id for e in manifest.entries if e.status == "failed"} and interrupted
     assert summary["stored"] + summary["failed"] == len(ids)
+
+
+# ----------------------------------------------------------------------------- item 1, 11: the suite itself
+
+
+def test_the_suite_leaves_no_ray_state_behind(tmp_path):
+    """A pytest session (with this suite's conftest) whose `ray.cluster_utils.Cluster` test
+    fails before its cleanup leaves no `ray_current_cluster` file in Ray's default temp
+    dir, no Ray temp dir and no Ray process running."""
+    (tmp_path / "test_child.py").write_text(
+        "import os, pathlib, ray\n"
+        "from ray.cluster_utils import Cluster\n\n"
+        "def test_cluster_fails_before_its_cleanup():\n"
+        f"    pathlib.Path({str(tmp_path / 'ray_dir')!r}).write_text(os.environ.get('RAY_TMPDIR', ''))\n"
+        "    cluster = Cluster(initialize_head=True, head_node_args={'num_cpus': 1})\n"
+        "    ray.init(address=cluster.address, include_dashboard=False)\n"
+        "    assert False, 'a cluster test that fails before cluster.shutdown()'\n")
+    system_tmp = Path(tempfile.mkdtemp(prefix="tmp-", dir="/tmp"))  # Ray's default: $TMPDIR/ray
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "TMPDIR": str(system_tmp),
+           "PYTHONPATH": os.pathsep.join([str(tests_dir.parent), str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    env.pop("RAY_TMPDIR", None)
+    try:
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+                                "--rootdir", str(tmp_path), str(tmp_path / "test_child.py")],
+                               env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert "1 failed" in child.stdout, child.stdout[-3000:] + child.stderr[-3000:]
+        assert not (system_tmp / "ray" / "ray_current_cluster").exists()
+        ray_dir = (tmp_path / "ray_dir").read_text()
+        assert ray_dir and not Path(ray_dir).exists()
+        assert not [p for p in psutil.process_iter(["cmdline"]) if ray_dir in " ".join(p.info["cmdline"] or [])]
+    finally:
+        stop_processes_under(str(system_tmp))
+        shutil.rmtree(system_tmp, ignore_errors=True)
