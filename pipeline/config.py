@@ -86,6 +86,9 @@ class PreprocessConfig:
         run_id_prefix: run ids are ``<prefix>-<UTC time>-<random>`` (e.g. ``nightly``).
         storage_options: fsspec options for input and store (no secrets).
         progress: show Ray Data's progress bars.
+        recycle_workers_after: restart each decode and encode worker process after this
+            many videos (None: never), bounding the memory Ray's actors gain per video
+            (``stages.WorkerLifetime``; README "Failure handling").
     """
 
     input: str = str(SAMPLE_DIR)
@@ -109,6 +112,7 @@ class PreprocessConfig:
     run_id_prefix: str = "run"
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    recycle_workers_after: int | None = 200
 
     def __post_init__(self):
         if self.tau_s is None and self.tau_t is not None:
@@ -123,6 +127,8 @@ class PreprocessConfig:
             raise ConfigError("fps sampling needs both fps and max_frames")
         if not 0 <= self.max_failure_rate <= 1:
             raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.recycle_workers_after is not None and self.recycle_workers_after < 1:
+            raise ConfigError(f"recycle_workers_after must be >= 1 or None, got {self.recycle_workers_after}")
         if self.encode_workers < 1:
             raise ConfigError(f"encode_workers must be >= 1, got {self.encode_workers}")
         try:

@@ -219,7 +219,8 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
             DecodeStage, batch_size=1, batch_format="numpy", num_cpus=1,
             fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
                                        policy=policy, config_fingerprint=fingerprint,
-                                       model_frame_size=model_frame_size),
+                                       model_frame_size=model_frame_size,
+                                       recycle_after=config.recycle_workers_after),
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_workers))
         dataset = dataset.map_batches(
             TokenizeStage, batch_size=1, batch_format="numpy",
@@ -227,7 +228,7 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
                                        model=config.model, device=device, dtype=config.dtype,
                                        sttm_options=config.sttm_options(), sampling=sampling,
                                        encoder_fingerprint=encoder_fingerprint, config_fingerprint=fingerprint,
-                                       run_id=run_id),
+                                       run_id=run_id, recycle_after=config.recycle_workers_after),
             # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
             num_cpus=config.cpus_per_encode_worker)
