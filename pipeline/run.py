@@ -208,67 +208,70 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
     device, gpus = _resolve_device(config)
 
     results: dict[str, dict[str, Any]] = {}  # video id -> its result row, as they come back
-    interrupted: RunInterrupted | None = None
-    if inputs:
-        dataset = ray.data.from_items([{"video_id": i.video_id, "uri": i.uri} for i in inputs],
-                                      override_num_blocks=len(inputs))
-        # Decoding runs in its own pool of CPU actors (an actor pool is never fused into
-        # the next stage, so decode keeps its own cores and overlaps with encoding).
-        decode_workers = config.decode_concurrency or _decode_workers(config, gpus)
-        dataset = dataset.map_batches(
-            DecodeStage, batch_size=1, batch_format="numpy", num_cpus=1,
-            fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
-                                       policy=policy, config_fingerprint=fingerprint,
-                                       model_frame_size=model_frame_size,
-                                       recycle_after=config.recycle_workers_after),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_workers))
-        dataset = dataset.map_batches(
-            TokenizeStage, batch_size=1, batch_format="numpy",
-            fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
-                                       model=config.model, device=device, dtype=config.dtype,
-                                       sttm_options=config.sttm_options(), sampling=sampling,
-                                       encoder_fingerprint=encoder_fingerprint, config_fingerprint=fingerprint,
-                                       run_id=run_id, recycle_after=config.recycle_workers_after),
-            # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
-            num_cpus=config.cpus_per_encode_worker)
-        try:
-            with _signals_interrupt():
+    with _SignalStop() as stop:
+        if inputs:
+            dataset = ray.data.from_items([{"video_id": i.video_id, "uri": i.uri} for i in inputs],
+                                          override_num_blocks=len(inputs))
+            # Decoding runs in its own pool of CPU actors (an actor pool is never fused into
+            # the next stage, so decode keeps its own cores and overlaps with encoding).
+            decode_workers = config.decode_concurrency or _decode_workers(config, gpus)
+            dataset = dataset.map_batches(
+                DecodeStage, batch_size=1, batch_format="numpy", num_cpus=1,
+                fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
+                                           policy=policy, config_fingerprint=fingerprint,
+                                           model_frame_size=model_frame_size,
+                                           recycle_after=config.recycle_workers_after),
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=decode_workers))
+            dataset = dataset.map_batches(
+                TokenizeStage, batch_size=1, batch_format="numpy",
+                fn_constructor_kwargs=dict(store_url=config.output, storage_options=config.storage_options,
+                                           model=config.model, device=device, dtype=config.dtype,
+                                           sttm_options=config.sttm_options(), sampling=sampling,
+                                           encoder_fingerprint=encoder_fingerprint, config_fingerprint=fingerprint,
+                                           run_id=run_id, recycle_after=config.recycle_workers_after),
+                # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
+                num_cpus=config.cpus_per_encode_worker)
+            try:
                 _collect_first_result_per_video(dataset.iter_rows(), results)
-        except RunInterrupted as signalled:
-            interrupted = signalled
-            logger.warning("%s: recording the run; %d of %d videos finished", signalled.signal_name,
-                           len(results), len(inputs))
+            except RunInterrupted as signalled:
+                logger.warning("%s: recording the run; %d of %d videos finished", signalled.signal_name,
+                               len(results), len(inputs))
+        stop.collecting = False  # from here on a signal is only noted: the run gets recorded
 
-    rows = repeats + list(results.values())
-    rows += _unfinished(inputs, results, interrupted)
-    summary = _record(store, config, run_id, fingerprint, started_at, rows, seconds=time.perf_counter() - clock)
-    summary.interrupted_by = interrupted.signal_name if interrupted else None
+        rows = repeats + list(results.values())
+        rows += _unfinished(inputs, results, stop.interruption)
+        summary = _record(store, config, run_id, fingerprint, started_at, rows,
+                          seconds=time.perf_counter() - clock)
+    summary.interrupted_by = stop.interruption.signal_name if stop.interruption else None
     return summary
 
 
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGINT raise RunInterrupted in the main thread (once: a second signal
-    while the run is being recorded is ignored, so the manifest still gets written)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread
-        return
-    received: list[int] = []
+class _SignalStop:
+    """SIGTERM and SIGINT during a run. The first one raises RunInterrupted while results
+    are being collected; after that, signals are only noted, so that the run still gets
+    recorded. The previous handlers come back on exit. Handlers can only be set in the
+    main thread; elsewhere (a run in a thread) signals are left alone."""
 
-    def interrupt(signum, frame):
-        if not received:
-            received.append(signum)
-            raise RunInterrupted(signum)
+    def __init__(self):
+        self.collecting = True
+        self.interruption: RunInterrupted | None = None
+        self._previous: dict[int, Any] = {}
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        # Until the run is recorded, a further signal is noted and ignored (the caller
-        # exits with the first one's code).
-        for signum in previous:
-            signal.signal(signum, signal.SIG_IGN if received else previous[signum])
+    def __enter__(self) -> "_SignalStop":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.interruption is None:
+            self.interruption = RunInterrupted(signum)
+            if self.collecting:
+                raise self.interruption
 
 
 def _decode_workers(config: PreprocessConfig, gpus: float) -> int:
