@@ -39,13 +39,17 @@ def make_corpus(directory: Path, count: int) -> None:
 
 
 def actor_processes() -> dict[int, str]:
-    """pid -> stage name of this machine's Ray actor processes running our stages."""
+    """pid -> stage name of the Ray actor processes running our stages, among this
+    process's descendants (its local Ray's workers; not other jobs on the machine)."""
     found = {}
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        command = " ".join(process.info["cmdline"] or [])
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
         for stage in STAGES:
             if stage in command and "ray::" in command:
-                found[process.info["pid"]] = stage
+                found[process.pid] = stage
     return found
 
 
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--interval", type=float, default=2.0)
     parser.add_argument("--model", default="tiny-random:llava-onevision")
+    parser.add_argument("--recycle-after", type=int, default=None,
+                        help="recycle_workers_after (default: none, to see the growth itself)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         corpus, store = Path(scratch) / "videos", Path(scratch) / "store"
         make_corpus(corpus, args.videos)
         config = PreprocessConfig(input=str(corpus), output=str(store), model=args.model, frames=args.frames,
-                                  progress=False)
+                                  progress=False, recycle_workers_after=args.recycle_after)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR",
                  log_to_driver=False)
         try:
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{a['first_uss_mib'] or 0:>10.1f} {a['last_uss_mib']:>9.1f} {a['max_rss_mib']:>8.1f} "
               f"{fmt(a['uss_mib_per_100_videos']):>15} {fmt(a['rss_mib_per_100_videos']):>15}")
     result = dict(videos=args.videos, frames=args.frames, cpus=args.cpus, model=args.model,
+                  recycle_workers_after=args.recycle_after,
                   machine=f"{platform.machine()} {os.cpu_count()} cores (CPU only)",
                   malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"),
                   summary=dict(stored=summary.stored, failed=summary.failed, seconds=round(summary.seconds, 1)),

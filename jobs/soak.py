@@ -59,12 +59,17 @@ class Run:
     def __init__(self, name: str, corpus: Path, store: Path, frames: int):
         self.name = name
         self.ray_dir = tempfile.mkdtemp(prefix=f"soak{name}-", dir="/tmp")  # short: unix socket paths
+        self.stderr_path = corpus.parent / f"run{name}.stderr"
         env = {**os.environ, "RAY_TMPDIR": self.ray_dir}
         env.pop("RAY_ADDRESS", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "preprocess", str(corpus), "--output", str(store),
-             "--frames", str(frames), "--max-failure-rate", "1", "--json"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "preprocess", str(corpus), "--output", str(store),
+                 "--frames", str(frames), "--max-failure-rate", "1", "--json"],
+                env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
+
+    def stderr_tail(self) -> str:
+        return self.stderr_path.read_text()[-2000:]
 
     def actors(self) -> list[psutil.Process]:
         found = []
@@ -79,7 +84,9 @@ class Run:
     def finish(self, timeout: float) -> dict:
         stdout, _ = self.process.communicate(timeout=timeout)
         self.cleanup()
-        return dict(returncode=self.process.returncode, summary=json.loads(stdout) if stdout.strip() else None)
+        summary = json.loads(stdout) if stdout.strip() else None
+        return dict(returncode=self.process.returncode, summary=summary,
+                    stderr_tail=None if summary and self.process.returncode == 0 else self.stderr_tail())
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -103,7 +110,8 @@ def stored_count(store: Path) -> int:
 def wait_for(run: Run, store: Path, count: int, deadline: float) -> None:
     while stored_count(store) < count:
         if run.process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"run {run.name} ended or stalled before {count} videos were stored")
+            raise RuntimeError(f"run {run.name} ended or stalled before {count} videos were stored; its stderr "
+                               f"ends:\n{run.stderr_tail()}")
         time.sleep(0.5)
 
 
