@@ -163,7 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             if run_a.process.poll() is None:
                 run_a.kill()
 
-        run_b, run_c = Run("B", corpus, store_dir, args.frames), Run("C", corpus, store_dir, args.frames)
+        run_b = Run("B", corpus, store_dir, args.frames)
+        # C starts once B's Ray is up (its actors exist): two Ray clusters starting at the
+        # same moment on a loaded machine can miss Ray's fixed 30 s startup wait.
+        deadline = time.monotonic() + 300
+        while not run_b.actors() and run_b.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        run_c = Run("C", corpus, store_dir, args.frames)
+        events.append(f"B and C: C started with B running, at {stored_count(store_dir)} stored")
         results = {"B": run_b.finish(args.timeout), "C": run_c.finish(args.timeout)}
         results["D"] = Run("D", corpus, store_dir, args.frames).finish(args.timeout)
 

@@ -74,8 +74,12 @@ class StoreUnavailableError(RuntimeError):
     """The token store cannot be reached or written; checked before the run starts."""
 
 
+class RayUnavailableError(RuntimeError):
+    """The Ray cluster could not be started or joined."""
+
+
 # What run_preprocess raises before any work: the job did not start.
-NotStartedError = (ConfigError, InputError, StoreUnavailableError)
+NotStartedError = (ConfigError, InputError, StoreUnavailableError, RayUnavailableError)
 
 # Exit codes of `sttm preprocess` and `python -m jobs.preprocess` (README "Failure handling").
 EXIT_OK = 0
@@ -349,7 +353,12 @@ def connect(address: str | None) -> None:
     never whatever cluster this machine happened to start last (Ray's own default)."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        except Exception as error:  # Ray raises bare Exceptions, ConnectionErrors, ValueErrors
+            what = "a local Ray cluster could not be started" if address == "local" else \
+                f"the Ray cluster at {redact_urls(address)!r} could not be joined"
+            raise RayUnavailableError(f"{what}: {type(error).__name__}: {redact_urls(str(error))}") from None
 
 
 @contextlib.contextmanager
