@@ -84,7 +84,8 @@ class PreprocessConfig:
         cpus_per_encode_worker: CPU cores reserved beside each encoder actor.
         max_failure_rate: failed / inputs above which the job exits non-zero.
         run_id_prefix: run ids are ``<prefix>-<UTC time>-<random>`` (e.g. ``nightly``).
-        storage_options: fsspec options for input and store (no secrets).
+        storage_options: fsspec options for input and store (credentials in them are redacted
+            wherever the config is stored or shown).
         progress: show Ray Data's progress bars.
         recycle_workers_after: restart each decode and encode worker process after this
             many videos (None: never), bounding the memory Ray's actors gain per video
