@@ -13,7 +13,7 @@ import json
 import sys
 
 from pipeline.config import PreprocessConfig
-from pipeline.run import connect, exit_code, run_preprocess
+from pipeline.run import exit_code, run_preprocess
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="Ray cluster to join (default: the one the job runs on; 'local' for an embedded one)")
     args = parser.parse_args(argv)
     config = PreprocessConfig.from_yaml(args.config, input=args.input, output=args.output)
-    connect(None if args.address == "local" else args.address)
-    summary = run_preprocess(config)
+    summary = run_preprocess(config, address=args.address)
     print(json.dumps(summary.to_dict(), indent=2))
     return exit_code(summary, config.max_failure_rate)
 

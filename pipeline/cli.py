@@ -64,12 +64,23 @@ def preprocess(input_uri, config_path, as_json, address, **settings):
     TINY RANDOM model of the real LLaVA-OneVision architecture (made offline, for demos
     and tests): its tokens are real in shape and flow, not in meaning.
     """
-    from pipeline.run import connect, exit_code, run_preprocess
+    import ray
 
-    config = _preprocess_config(input_uri, config_path, **settings)
-    connect(address)
-    summary = run_preprocess(config)
-    click.echo(json.dumps(summary.to_dict()) if as_json else summary.text())
+    from pipeline.run import EXIT_NOT_STARTED, NotStartedError, exit_code, run_preprocess, stdout_to_stderr
+
+    # Ray and its workers write to stdout; the summary alone goes there (README "Failure handling").
+    with stdout_to_stderr() as out:
+        try:
+            config = _preprocess_config(input_uri, config_path, **settings)
+            summary = run_preprocess(config, address=address)
+        except NotStartedError as error:  # bad settings, inputs or store: checked before any work
+            click.echo(f"Error: {error}", err=True)
+            raise SystemExit(EXIT_NOT_STARTED) from None
+        finally:
+            ray.shutdown()
+        click.echo(json.dumps(summary.to_dict()) if as_json else summary.text(), file=out)
+    for problem in summary.unwritten_records:
+        click.echo(f"Error: not written: {problem}", err=True)
     raise SystemExit(exit_code(summary, config.max_failure_rate))
 
 

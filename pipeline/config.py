@@ -1,12 +1,15 @@
 """The preprocessing job's configuration: one dataclass, from the CLI or a YAML file.
 
-Secrets never live here: S3 credentials come from the environment or the node's role
-(s3fs reads ``AWS_*`` variables and instance profiles itself); ``storage_options`` is for
-non-secret settings such as an ``endpoint_url``.
+S3 credentials are best left to the environment or the node's role (s3fs reads
+``AWS_*`` variables and instance profiles itself). When ``storage_options`` do carry
+them (``key``, ``secret``, ``token``, ...), :meth:`PreprocessConfig.to_dict` (what the
+run manifest stores) replaces every credential-like value with ``"<redacted>"`` and
+strips credentials from URLs.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ import yaml
 
 from pipeline.decode import FpsSampling, SamplingPolicy, UniformSampling
 from pipeline.samples import SAMPLE_DIR
+from pipeline.uris import redact_urls
 
 DEFAULT_MODEL = "tiny-random:llava-onevision"
 DEFAULT_STORE = "./sttm-store"
@@ -26,8 +30,37 @@ DEFAULT_STORE = "./sttm-store"
 CPUS_PER_GPU_WORKER = 7
 
 
+# Run ids name store keys (manifests/<run id>.parquet): the store's own rule, checked
+# before the run so that a bad --run-id-prefix fails in seconds, not after every video.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Option names whose values are credentials (s3fs key/secret/token, boto's
+# aws_secret_access_key, gcsfs token, adlfs account_key/sas_token, passwords).
+_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|signature|auth", re.IGNORECASE)
+REDACTED = "<redacted>"
+
+
 class ConfigError(ValueError):
     """The job configuration is invalid; the message says which setting and why."""
+
+
+def check_run_id(run_id: str) -> None:
+    """Raise ConfigError unless ``run_id`` is 1-128 of [A-Za-z0-9._-], starting with a
+    letter or digit, without '..' (a run id is part of store keys)."""
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id) or ".." in run_id:
+        raise ConfigError(f"run id must be 1-128 of [A-Za-z0-9._-], starting with a letter or digit, "
+                          f"without '..'; got {redact_urls(str(run_id))!r:.80}")
+
+
+def redact_secrets(value: Any, name: str = "") -> Any:
+    """``value`` (nested dicts and lists) with credential-like entries replaced by
+    REDACTED and credentials stripped from URLs inside strings."""
+    if isinstance(value, dict):
+        return {k: redact_secrets(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(v, name) for v in value]
+    if value is not None and _SECRET_NAME.search(name) and not isinstance(value, bool):
+        return REDACTED
+    return redact_urls(value) if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -51,8 +84,12 @@ class PreprocessConfig:
         cpus_per_encode_worker: CPU cores reserved beside each encoder actor.
         max_failure_rate: failed / inputs above which the job exits non-zero.
         run_id_prefix: run ids are ``<prefix>-<UTC time>-<random>`` (e.g. ``nightly``).
-        storage_options: fsspec options for input and store (no secrets).
+        storage_options: fsspec options for input and store (credentials in them are redacted
+            wherever the config is stored or shown).
         progress: show Ray Data's progress bars.
+        recycle_workers_after: restart each decode and encode worker process after this
+            many videos (None: never), bounding the memory Ray's actors gain per video
+            (``stages.WorkerLifetime``; README "Failure handling").
     """
 
     input: str = str(SAMPLE_DIR)
@@ -76,6 +113,7 @@ class PreprocessConfig:
     run_id_prefix: str = "run"
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
+    recycle_workers_after: int | None = 200
 
     def __post_init__(self):
         if self.tau_s is None and self.tau_t is not None:
@@ -90,8 +128,15 @@ class PreprocessConfig:
             raise ConfigError("fps sampling needs both fps and max_frames")
         if not 0 <= self.max_failure_rate <= 1:
             raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
+        if self.recycle_workers_after is not None and self.recycle_workers_after < 1:
+            raise ConfigError(f"recycle_workers_after must be >= 1 or None, got {self.recycle_workers_after}")
         if self.encode_workers < 1:
             raise ConfigError(f"encode_workers must be >= 1, got {self.encode_workers}")
+        try:
+            check_run_id(f"{self.run_id_prefix}-20000101T000000Z-000000")
+        except ConfigError:
+            raise ConfigError(f"run_id_prefix must be letters, digits, '.', '_' or '-' (starting with a letter or "
+                              f"digit, without '..'), got {redact_urls(str(self.run_id_prefix))!r:.80}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "PreprocessConfig":
@@ -121,4 +166,5 @@ class PreprocessConfig:
         return {**merge, "root_level": self.root_level, "weighted": self.weighted, "head_dim": self.head_dim}
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings, JSON-able, with every secret redacted (what manifests store)."""
+        return redact_secrets(dataclasses.asdict(self))

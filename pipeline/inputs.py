@@ -14,24 +14,46 @@ Relative URIs in a manifest are resolved against the manifest's own directory.
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
 import pyarrow.csv
-import pyarrow.json
 import pyarrow.parquet as pq
 
 from pipeline.uris import sanitize_uri
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpeg", ".mpg", ".ts", ".flv")
+
+
+def _read_jsonl(data: bytes) -> list[dict]:
+    """One JSON object per line, read by Python's json module: an id stays exactly the
+    string it was (Arrow's reader infers one type per column and rejects mixed ones)."""
+    rows = []
+    for line_number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise pa.ArrowInvalid(f"line {line_number}: {error}") from None
+            if not isinstance(row, dict):
+                raise pa.ArrowInvalid(f"line {line_number}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
 # Single-threaded reads: Arrow's thread pool can abort the interpreter at exit once torch
-# is loaded (apache/arrow#34314), and a manifest is small.
+# is loaded (apache/arrow#34314), and a manifest is small. CSV columns are read as text,
+# so that an id such as "007" stays "007" (type inference would make it the number 7).
 MANIFEST_READERS = {
-    ".parquet": lambda f: pq.read_table(f, use_threads=False),
-    ".jsonl": lambda f: pyarrow.json.read_json(f, read_options=pyarrow.json.ReadOptions(use_threads=False)),
-    ".csv": lambda f: pyarrow.csv.read_csv(f, read_options=pyarrow.csv.ReadOptions(use_threads=False)),
+    ".parquet": lambda data: pq.read_table(io.BytesIO(data), use_threads=False).to_pylist(),
+    ".jsonl": _read_jsonl,
+    ".csv": lambda data: pyarrow.csv.read_csv(
+        io.BytesIO(data), read_options=pyarrow.csv.ReadOptions(use_threads=False),
+        convert_options=pyarrow.csv.ConvertOptions(column_types={"uri": pa.string(), "video_id": pa.string()}),
+    ).to_pylist(),
 }
 
 
@@ -61,26 +83,34 @@ def _read_manifest(source: str, storage_options: dict) -> list[VideoInput]:
     ext = posixpath.splitext(source)[1].lower()
     try:
         with fsspec.open(source, "rb", **storage_options) as handle:
-            table: pa.Table = MANIFEST_READERS[ext](io.BytesIO(handle.read()))
+            rows: list[dict] = MANIFEST_READERS[ext](handle.read())
     except FileNotFoundError as error:
         raise InputError(f"manifest {sanitize_uri(source)} does not exist") from error
-    except (pa.ArrowInvalid, OSError) as error:
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as error:
         raise InputError(f"manifest {sanitize_uri(source)} cannot be read as {ext[1:]}: {error}") from error
-    if "uri" not in table.column_names:
-        raise InputError(f"manifest {sanitize_uri(source)} has no 'uri' column (columns: {table.column_names})")
-    uris = table.column("uri").to_pylist()
-    ids = table.column("video_id").to_pylist() if "video_id" in table.column_names else [None] * len(uris)
+    if rows and not any("uri" in row for row in rows):
+        raise InputError(f"manifest {sanitize_uri(source)} has no 'uri' column (columns: {sorted(rows[0])})")
     base = posixpath.dirname(source)
     inputs = []
-    for line, (uri, video_id) in enumerate(zip(uris, ids), start=1):
+    for line, row in enumerate(rows, start=1):
+        uri, video_id = row.get("uri"), row.get("video_id")
         if not uri:
             raise InputError(f"manifest {sanitize_uri(source)} row {line} has an empty 'uri'")
         uri = str(uri)
         if "://" not in uri and not posixpath.isabs(uri):
             uri = posixpath.join(base, uri)
-        inputs.append(VideoInput(str(video_id) if video_id not in (None, "") else
-                                 _strip_extension(posixpath.basename(uri.split("?")[0])), uri))
+        video_id = str(video_id) if video_id not in (None, "") else _strip_extension(posixpath.basename(uri.split("?")[0]))
+        _check_video_id(video_id, f"manifest {sanitize_uri(source)} row {line}")
+        inputs.append(VideoInput(video_id, uri))
     return inputs
+
+
+def _check_video_id(video_id: str, where: str) -> None:
+    """Ids are stored in every record: refuse one that carries a URL's credentials or
+    query string (without echoing it), before the run starts."""
+    if "://" in video_id and sanitize_uri(video_id) != video_id:
+        raise InputError(f"{where}: the video id looks like a URL with credentials or a query string (not "
+                         f"shown); give an id without them")
 
 
 def list_inputs(source: str, storage_options: dict | None = None) -> list[VideoInput]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -80,6 +81,35 @@ def plain_value(value: Any) -> Any:
     return value
 
 
+class WorkerLifetime:
+    """Ends a Ray actor's process after ``limit`` batches, just before it would start the
+    next one: Ray restarts the actor (Ray Data's actors have unlimited restarts and task
+    retries) and runs that batch on the fresh process, so no video is lost or done twice.
+
+    Why: the memory of Ray Data's map actors grows with every batch they return
+    (ray-project/ray#65544; the same stage called in a plain process stays flat, see
+    jobs/bench_actor_memory.py), so a long corpus would otherwise run an actor out of
+    memory. Outside a Ray actor (tests, benchmarks) it does nothing.
+    """
+
+    def __init__(self, limit: int | None):
+        self.limit = limit
+        self.batches = 0
+
+    def before_batch(self) -> None:
+        if self.limit and self.batches >= self.limit and _in_ray_actor():
+            logger.info("recycling this worker after %d batches (pid %d)", self.batches, os.getpid())
+            logging.shutdown()
+            os._exit(1)  # an unexpected exit: Ray restarts the actor and retries the batch
+        self.batches += 1
+
+
+def _in_ray_actor() -> bool:
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+
+
 class DecodeStage:
     """CPU: read each video once, skip what the store already holds, decode the rest.
 
@@ -88,7 +118,8 @@ class DecodeStage:
     """
 
     def __init__(self, store_url: str, storage_options: dict, policy: SamplingPolicy, config_fingerprint: str,
-                 model_frame_size: tuple[int, int] | None = None):
+                 model_frame_size: tuple[int, int] | None = None, recycle_after: int | None = None):
+        self.lifetime = WorkerLifetime(recycle_after)
         self.store = TokenStore(store_url, storage_options)
         self.storage_options = storage_options
         self.policy = policy
@@ -96,6 +127,7 @@ class DecodeStage:
         self.model_frame_size = model_frame_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.lifetime.before_batch()
         return rows_to_batch([self.decode_one(row["video_id"], row["uri"]) for row in batch_to_rows(batch)])
 
     def decode_one(self, video_id: str, uri: str) -> dict[str, Any]:
@@ -143,7 +175,9 @@ class TokenizeStage:
     """
 
     def __init__(self, store_url: str, storage_options: dict, model: str, device: str, dtype: str | None,
-                 sttm_options: dict, sampling: dict, encoder_fingerprint: str, config_fingerprint: str, run_id: str):
+                 sttm_options: dict, sampling: dict, encoder_fingerprint: str, config_fingerprint: str, run_id: str,
+                 recycle_after: int | None = None):
+        self.lifetime = WorkerLifetime(recycle_after)
         self.adapter = load_adapter(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
         if self.adapter.fingerprint != encoder_fingerprint:
             raise RuntimeError(f"model {model} on this worker has fingerprint {self.adapter.fingerprint}, the job "
@@ -156,6 +190,7 @@ class TokenizeStage:
         self.run_id = run_id
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.lifetime.before_batch()
         return rows_to_batch([self.tokenize_one(row) for row in batch_to_rows(batch)])
 
     def merge(self, tokens: torch.Tensor) -> sttm.TokenSet:

@@ -547,8 +547,9 @@ class TokenStore:
         manifests = self._decode_each(self._list_keys("manifests", suffix=".parquet"), manifest, problems)
         return sorted(manifests, key=lambda m: (m.started_at, m.run_id))
 
-    def write_failure(self, failure: FailureRecord) -> str:
-        """Record why a video failed in a run (one record per run and video id); returns its key."""
+    def write_failure(self, failure: FailureRecord, occurrence: int = 0) -> str:
+        """Record why a video failed in a run; returns its key. One record per run, video id
+        and ``occurrence`` (the n-th failure of that id in the run: a repeated id keeps all)."""
         _check_run_id(failure.run_id)
         _check_video_id(failure.video_id)
         if failure.stage not in FAILURE_STAGES:
@@ -565,7 +566,8 @@ class TokenStore:
             "pipeline_version": failure.pipeline_version,
             "created_at": _check_aware(failure.created_at),
         }
-        key = f"failures/{failure.run_id}/{_video_id_hash(failure.video_id)}.parquet"
+        suffix = f".{occurrence}" if occurrence else ""
+        key = f"failures/{failure.run_id}/{_video_id_hash(failure.video_id)}{suffix}.parquet"
         self._put_object(key, _encode_one_row(FAILURE, row), if_absent=False)
         return key
 

@@ -2,18 +2,49 @@
 
 ``s3_server``: a real S3-protocol server (moto in server mode) on 127.0.0.1, the way
 s3fs tests itself, so S3 code paths run over HTTP exactly as in production.
+
+Every Ray cluster the suite starts (``ray.init``, ``ray.cluster_utils.Cluster``, the CLI
+in subprocesses) lives under one temp dir of this session, removed at the end with any
+process still running from it: the suite leaves no ``ray_current_cluster`` file behind
+that a later plain ``ray.init()`` would try to join.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import pytest
 
 # No test may reach the Hugging Face hub; models are built locally.
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# Short (Ray's unix socket paths must fit in 107 bytes). Subprocesses inherit it.
+RAY_TMPDIR = tempfile.mkdtemp(prefix="sttm-ray-", dir="/tmp")
+os.environ["RAY_TMPDIR"] = RAY_TMPDIR
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def stop_processes_under(directory: str) -> None:
+    """Kill the processes (raylet, GCS, workers) whose command line names ``directory``."""
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(directory in part for part in process.info["cmdline"] or []):
+                process.kill()
+        except psutil.Error:
+            pass  # gone already
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import ray
+
+    ray.shutdown()
+    stop_processes_under(RAY_TMPDIR)
+    shutil.rmtree(RAY_TMPDIR, ignore_errors=True)
 
 # Dummy credentials: moto accepts any, and they keep botocore from looking for real ones.
 DUMMY_ACCESS_KEY = "testing-access-key"

@@ -91,12 +91,17 @@ def test_manifest_input_with_a_missing_file_and_a_repeated_id(local_ray, tmp_pat
         {"uri": str(tmp_path / "nowhere.mp4"), "video_id": "gone"},
         {"uri": str(video), "video_id": "clip-a"},
         {"uri": str(video), "video_id": "clip-b"},
+        {"uri": str(tmp_path / "nowhere.mp4"), "video_id": "gone"},
     ]) + "\n")
     summary = run_preprocess(config_for(str(manifest), str(tmp_path / "store"), tau_s=0.9, tau_t=0.8))
-    assert (summary.stored, summary.skipped, summary.failed) == (2, 0, 2)
-    reasons = {(f["video_id"], f["error_type"]) for f in summary.failures}
-    assert reasons == {("gone", "VideoNotFoundError"), ("clip-a", "DuplicateVideoIdError")}
+    assert (summary.stored, summary.skipped, summary.failed) == (2, 0, 3)
+    reasons = sorted((f["video_id"], f["error_type"]) for f in summary.failures)
+    assert reasons == [("clip-a", "DuplicateVideoIdError"), ("gone", "DuplicateVideoIdError"),
+                       ("gone", "VideoNotFoundError")]
     store = TokenStore(str(tmp_path / "store"))
+    # Every failure keeps its record, the two of the repeated id "gone" included.
+    assert sorted((f.video_id, f.error_type) for f in store.list_failures(summary.run_id)) == reasons
+    assert sorted(e.video_id for e in store.list_manifests()[0].entries) == ["clip-a", "clip-a", "clip-b", "gone", "gone"]
     # Same bytes under two ids: one object, both ids readable, thresholds as configured.
     assert len(token_objects(tmp_path / "store")) == 1
     assert store.read("clip-b").tokens.tau_s == 0.9 and store.read("clip-a").video_id == "clip-a"
@@ -150,7 +155,7 @@ def test_killed_job_resumes_with_nothing_missing_and_nothing_twice(tmp_path):
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    summary = json.loads(resumed.stdout)  # stdout is the summary alone
     assert summary["failed"] == 0 and summary["stored"] + summary["skipped"] == 6
     assert summary["skipped"] >= stored_before
     assert len(token_objects(store_dir)) == 6
@@ -172,13 +177,13 @@ def test_cli_exit_code_follows_the_failure_rate(tmp_path):
             str(tmp_path / "store"), "--model", MODEL, "--frames", str(FRAMES), "--budget", "0.3", "--json"]
     strict = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
     assert strict.returncode == 1
-    summary = json.loads(strict.stdout.strip().splitlines()[-1])
+    summary = json.loads(strict.stdout)
     assert {k: summary[k] for k in ("stored", "skipped", "failed")} == {"stored": 2, "skipped": 0, "failed": 3}
     assert summary["run_id"].startswith("run-") and summary["retention"]["max"] <= 0.3
     lenient = subprocess.run(base + ["--max-failure-rate", "0.6"], env=env, capture_output=True, text=True,
                              timeout=300)
     assert lenient.returncode == 0, lenient.stderr[-2000:]
-    assert json.loads(lenient.stdout.strip().splitlines()[-1])["skipped"] == 2
+    assert json.loads(lenient.stdout)["skipped"] == 2
 
 
 # ----------------------------------------------------------------------------- inputs and config
