@@ -7,10 +7,10 @@ output features (``sttm.merging.assemble``).
 
 The result is bitwise the same at any thread count and on every call:
 
-- On the CPU this is ``index_add_``, which adds row after row in index order (each row
-  an elementwise add over the channels, so threads only split the channels). Not
-  ``index_put_`` with accumulate: with more than one thread it adds with atomics, in
-  an order that changes from call to call.
+- On the CPU this is ``index_add_``, which adds each segment's rows in index order
+  whatever the thread count (threads split the channels, or the segments after a stable
+  sort by segment, never one sum). Not ``index_put_`` with accumulate: with more than one
+  thread it adds with atomics, in an order that changes from call to call.
 - On CUDA a small Triton kernel: each program owns one segment and a slice of channels
   and walks the segment's rows in order. It reads the rows once in their own dtype and
   writes the output once; ``index_put_`` (deterministic on CUDA: it sorts) first writes
