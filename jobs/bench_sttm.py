@@ -8,6 +8,10 @@ video, then times ``merge`` with those fixed thresholds and ``merge_to_budget`` 
 
 The input is a synthetic video with the structure that makes merging do real work: a
 static background, a moving object and per-frame noise, in bfloat16, C = 3584.
+
+On the CPU it also times the output features' segment sum (``sttm.segment_sum``, in index
+order at any thread count) against the former CPU path, ``index_put_`` with accumulate
+(thread-dependent order), on the same rows and tokens.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 import torch
 
 import sttm
+from sttm.segment_sum import weighted_segment_sum
 
 
 def synthetic_video(frames: int, side: int, channels: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -58,6 +63,34 @@ def time_ms(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
+def index_put_segment_sum(rows: torch.Tensor, weight: torch.Tensor, segment: torch.Tensor,
+                          counts: torch.Tensor) -> torch.Tensor:
+    """The CPU segment sum before ``index_add_``: not reproducible above one thread."""
+    sums = torch.zeros(counts.shape[0], rows.shape[1], dtype=weight.dtype, device=rows.device)
+    sums.index_put_((segment,), rows * weight[:, None], accumulate=True)
+    return sums.to(rows.dtype)
+
+
+def segment_sum_timings(x: torch.Tensor, tokens: sttm.TokenSet, repeats: int) -> dict:
+    """Median milliseconds (CPU) of the output features' segment sum of ``tokens``, now and
+    before, timed alternately so that a changing load on the machine hits both alike."""
+    rows = x.reshape(-1, x.shape[-1])
+    segment = tokens.assignment.flatten().long()
+    counts = tokens.num_patches.long()
+    weight = (1.0 / counts.float())[segment]
+    sums = dict(now=weighted_segment_sum, before=index_put_segment_sum)
+    times = {name: [] for name in sums}
+    for attempt in range(2 + max(repeats, 5)):  # the first two are warm-up
+        for name, segment_sum in sums.items():
+            begin = time.perf_counter()
+            segment_sum(rows, weight, segment, counts)
+            if attempt >= 2:
+                times[name].append((time.perf_counter() - begin) * 1e3)
+    now_ms, before_ms = statistics.median(times["now"]), statistics.median(times["before"])
+    return dict(segment_sum_ms=round(now_ms, 3), index_put_ms=round(before_ms, 3),
+                index_put_over_segment_sum=round(before_ms / now_ms, 2))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 64, 128])
@@ -83,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                  tau=round(budgeted.tau_s, 5), merge_ms=round(merge_ms, 3),
                                  merge_to_budget_ms=round(budget_ms, 3),
                                  budget_over_merge=round(budget_ms / merge_ms, 2)))
+                if device.type == "cpu":
+                    rows[-1].update(segment_sum_timings(x, budgeted, repeats))
                 print_row(rows[-1])
 
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
@@ -94,15 +129,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return rows
 
 
-HEADER = f"{'T':>4} {'grid':>6} {'target':>6} {'kept':>6} {'merge ms':>9} {'budget ms':>10} {'ratio':>6}"
-
-
 def print_row(row: dict) -> None:
+    with_sums = "segment_sum_ms" in row
     if not hasattr(print_row, "printed"):
-        print(HEADER)
+        print(f"{'T':>4} {'grid':>6} {'target':>6} {'kept':>6} {'merge ms':>9} {'budget ms':>10} {'ratio':>6}"
+              + (f" {'sum ms':>8} {'index_put_ ms':>13} {'ratio':>6}" if with_sums else ""))
         print_row.printed = True
     print(f"{row['frames']:>4} {row['grid']:>6} {row['target_retention']:>6.2f} {row['retention']:>6.3f} "
-          f"{row['merge_ms']:>9.2f} {row['merge_to_budget_ms']:>10.2f} {row['budget_over_merge']:>6.2f}")
+          f"{row['merge_ms']:>9.2f} {row['merge_to_budget_ms']:>10.2f} {row['budget_over_merge']:>6.2f}"
+          + (f" {row['segment_sum_ms']:>8.2f} {row['index_put_ms']:>13.2f} {row['index_put_over_segment_sum']:>6.2f}"
+             if with_sums else ""))
 
 
 if __name__ == "__main__":

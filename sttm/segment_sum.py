@@ -5,13 +5,18 @@ output features (``sttm.merging.assemble``).
 ``out[s] = sum(weight[i] * rows[i] for i with segment[i] == s)``, summed in float32
 (float64 for float64 rows) in increasing ``i`` and cast back to the rows' dtype.
 
-On the CPU (and wherever Triton is missing) this is ``index_put_`` with accumulate, which
-adds in that order. On CUDA a small Triton kernel does the same: each program owns one
-segment and a slice of channels and walks the segment's rows in order, so it is
-deterministic like ``index_put_``, but it reads the rows once in their own dtype and
-writes the output once; ``index_put_`` on CUDA first writes a float32 copy of every
-weighted row and then spends about 1.2 ms (128 frames x 196 patches x 3584 channels on an
-H100) in its sort-based accumulation.
+The result is bitwise the same at any thread count and on every call:
+
+- On the CPU this is ``index_add_``, which adds each segment's rows in index order
+  whatever the thread count (threads split the channels, or the segments after a stable
+  sort by segment, never one sum). Not ``index_put_`` with accumulate: with more than one
+  thread it adds with atomics, in an order that changes from call to call.
+- On CUDA a small Triton kernel: each program owns one segment and a slice of channels
+  and walks the segment's rows in order. It reads the rows once in their own dtype and
+  writes the output once; ``index_put_`` (deterministic on CUDA: it sorts) first writes
+  a float32 copy of every weighted row and then spends about 1.2 ms (128 frames x 196
+  patches x 3584 channels on an H100) in its sort-based accumulation. Without Triton,
+  for float64 and for outputs of 2**31 values or more, CUDA takes ``index_put_``.
 """
 from __future__ import annotations
 
@@ -60,6 +65,8 @@ def weighted_segment_sum(rows: torch.Tensor, weight: torch.Tensor, segment: torc
         _segment_sum_kernel[grid](rows, weight.float().contiguous(), order, starts, out, rows.shape[1], BLOCK=block)
         return out
     sums = torch.zeros(num_segments, rows.shape[1], dtype=weight.dtype, device=rows.device)
-    # index_put_ with accumulate adds in a fixed order (also on CUDA): deterministic.
-    sums.index_put_((segment,), rows * weight[:, None], accumulate=True)
+    if rows.is_cuda:
+        sums.index_put_((segment,), rows * weight[:, None], accumulate=True)
+    else:
+        sums.index_add_(0, segment, rows * weight[:, None])
     return sums.to(rows.dtype)

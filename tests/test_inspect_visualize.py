@@ -13,6 +13,7 @@ import io
 import json
 import shutil
 import struct
+from collections import Counter
 from pathlib import Path
 
 import decord
@@ -311,10 +312,14 @@ def test_visualize_draws_every_box_where_the_store_says(pipeline_store, tmp_path
     assert image.width >= 4 * 320 and image.height > max(p.top + p.height for p in drawn.panels) + 30
     caption = " ".join(payload["caption"])
     assert f"retention {record.tokens.retention:.3f}" in caption and f"tau_s {record.tokens.tau_s:.4f}" in caption
-    assert payload["tokens_by_kind"] == {"finest": 274, "coarse": 8, "spans_frames": 110}
+    # Counted from the stored tokens, classified here by the assignment: the counts come
+    # out of float32 CPU kernels (the encoder's) and differ between machines.
+    kinds = Counter(kind_colours(record))
+    assert payload["tokens_by_kind"] == {"finest": kinds[FINEST_COLOUR], "coarse": kinds[COARSE_COLOUR],
+                                         "spans_frames": kinds[SPANS_FRAMES_COLOUR]}
 
     # Every kind occurs in this video, so each colour is checked somewhere.
-    assert set(kind_colours(record)) == {FINEST_COLOUR, COARSE_COLOUR, SPANS_FRAMES_COLOUR}
+    assert set(kinds) == {FINEST_COLOUR, COARSE_COLOUR, SPANS_FRAMES_COLOUR}
     assert assert_boxes_drawn(image, drawn) == record.num_tokens
 
     # Patches merged into an earlier frame's token: tinted over the frame as decoded.
@@ -331,7 +336,8 @@ def test_visualize_draws_every_box_where_the_store_says(pipeline_store, tmp_path
                 checked += 1
             elif tokens.box[tokens.assignment[panel.token_frame, y, x]].tolist() == [y, x, y + 1, x + 1]:
                 assert image.getpixel(centre) == tuple(frame_pixel)  # a lone patch: outlined, not tinted
-    assert checked > 100
+    # Every frame is shown, so each token spanning frames has tinted patches in some later panel.
+    assert checked >= kinds[SPANS_FRAMES_COLOUR] > 0
 
     # The frames shown are the stored ones, decoded again (not, say, the first frames).
     reader = decord.VideoReader(str(BUNNY))

@@ -2,6 +2,7 @@
 reference implementation of the spec, and the properties the spec promises."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 import sttm
 from sttm import merging as merge_module
+from sttm.segment_sum import weighted_segment_sum
 from sttm_reference import reference_merge
 
 # ----------------------------------------------------------------------------- helpers
@@ -304,11 +306,61 @@ def test_head_dim_averages_per_head_cosines():
     assert sttm.merge(big, tau_s=0.3, root_level=0, head_dim=2).num_tokens == 4
 
 
-def test_is_deterministic():
-    x = torch.randn(6, 14, 14, 32)
-    first = sttm.merge_to_budget(x, 0.3)
-    second = sttm.merge_to_budget(x, 0.3)
-    assert torch.equal(first.features, second.features) and torch.equal(first.assignment, second.assignment)
+@contextlib.contextmanager
+def torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def in_index_order(rows: torch.Tensor, weight: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """The segment sum by its definition: each segment's weighted rows added one after
+    another in increasing row index, starting from zero (one elementwise add per step)."""
+    sums = torch.zeros(num_segments, rows.shape[1], dtype=weight.dtype)
+    # rank: how many earlier rows share the row's segment.
+    order = torch.argsort(segment, stable=True)
+    first_of_segment = torch.bincount(segment, minlength=num_segments).cumsum(0) - torch.bincount(segment, minlength=num_segments)
+    rank = torch.empty_like(segment)
+    rank[order] = torch.arange(len(segment)) - first_of_segment[segment[order]]
+    for k in range(int(rank.max()) + 1):
+        step = (rank == k).nonzero().squeeze(1)  # at most one row per segment
+        sums[segment[step]] = sums[segment[step]] + rows[step].to(weight.dtype) * weight[step, None]
+    return sums.to(rows.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_segment_sum_adds_in_index_order_at_any_thread_count(dtype):
+    # Few segments, many rows each and enough elements for several threads: an
+    # accumulation in thread-dependent order (index_put_'s atomics) differs here.
+    generator = torch.Generator().manual_seed(0)
+    rows = (torch.randn(3000, 48, generator=generator) * 10).to(dtype)
+    segment = torch.randint(0, 7, (3000,), generator=generator)
+    counts = torch.bincount(segment, minlength=7)
+    weight = (1.0 / counts.to(torch.float64 if dtype == torch.float64 else torch.float32))[segment]
+    expected = in_index_order(rows, weight, segment, 7)
+    for threads in (1, 2, 4):
+        with torch_threads(threads):
+            for _ in range(3):
+                got = weighted_segment_sum(rows, weight, segment, counts)
+                assert got.dtype == dtype
+                assert torch.equal(got, expected), f"{threads} threads"
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_is_bitwise_deterministic_at_any_thread_count(seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 14, 14, 32, generator=generator)
+    results = []
+    for threads in (1, 2, 4):
+        with torch_threads(threads):
+            results += [sttm.merge_to_budget(x, 0.3), sttm.merge_to_budget(x, 0.3, weighted=True)]
+    for i, got in enumerate(results):
+        want = results[i % 2]  # the same call at 1 thread
+        assert torch.equal(got.features, want.features) and torch.equal(got.assignment, want.assignment)
+        assert got.tau_s == want.tau_s
 
 
 # ----------------------------------------------------------------------------- budget
