@@ -11,6 +11,7 @@ is skipped.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 import uuid
@@ -22,18 +23,21 @@ from typing import Any
 import ray
 
 from pipeline.config import CPUS_PER_GPU_WORKER, PreprocessConfig
-from pipeline.fingerprint import config_fingerprint
+from pipeline.decode import fetch_video
+from pipeline.errors import VideoError
+from pipeline.fingerprint import config_fingerprint, encoder_facts, sampling_policy_from_dict
 from pipeline.inputs import VideoInput, list_inputs
-from pipeline.models.base import load_adapter
+from pipeline.progress import Progress
 from pipeline.stages import (
     PIPELINE_VERSION,
     DecodeStage,
     TokenizeStage,
     plain_value,
     failed_row,
+    result_row,
     sampling_dict,
 )
-from pipeline.store import FailureRecord, ManifestEntry, RunManifest, TokenStore
+from pipeline.store import FailureRecord, ManifestEntry, RunManifest, TokenStore, token_set_key
 
 logger = logging.getLogger(__name__)
 
@@ -116,26 +120,40 @@ def _resolve_device(config: PreprocessConfig) -> tuple[str, float]:
     return device, (1.0 if device.startswith("cuda") else 0.0)
 
 
-def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSummary:
-    """Run the job on the current Ray cluster (an embedded local one if none is running)."""
+def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address: str | None = None,
+                   progress: Progress | None = None) -> RunSummary:
+    """Run the job on the current Ray cluster, else the one at ``address`` (see ``connect``).
+
+    When the store already holds every input, the run is recorded without starting Ray
+    or loading the model. ``progress`` is told about the run as it goes.
+    """
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
     run_id = run_id or make_run_id(config.run_id_prefix)
     store = TokenStore(config.output, config.storage_options)
     inputs, repeats = _dedupe(list_inputs(config.input, config.storage_options))
 
-    # The config fingerprint needs the encoder's weights fingerprint: load the vision side
-    # once here, on the CPU (the workers check they loaded the same weights).
-    planner = load_adapter(config.model, device="cpu")
-    policy = config.sampling_policy() or planner.default_sampling()
+    # The config fingerprint needs the encoder's weights fingerprint: cached by the
+    # checkpoint files' identity, else computed once here on the CPU (the workers check
+    # they loaded the same weights).
+    encoder = encoder_facts(config.model)
+    policy = config.sampling_policy() or sampling_policy_from_dict(encoder.default_sampling)
     sampling = sampling_dict(policy)
-    encoder_fingerprint, model_frame_size = planner.fingerprint, planner.input_frame_size
+    encoder_fingerprint, model_frame_size = encoder.fingerprint, encoder.input_frame_size
     fingerprint = config_fingerprint(model_id=config.model, model_revision=None,
                                      encoder_fingerprint=encoder_fingerprint, sampling=sampling,
                                      sttm=config.sttm_options())
-    del planner
 
-    connect(None)  # no-op when the caller already joined a cluster
+    if progress is not None:
+        progress.phase("checking what the store holds")
+    already_stored = _stored_before_ray(store, inputs, fingerprint, config.storage_options)
+    if already_stored is not None:  # nothing to do: no Ray, no model
+        return _record(store, config, run_id, fingerprint, started_at, repeats + already_stored,
+                       seconds=time.perf_counter() - clock)
+
+    if progress is not None:
+        progress.phase("starting Ray" if address is None and not ray.is_initialized() else "joining Ray")
+    connect(address)  # no-op when the caller already joined a cluster
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.progress
     context.execution_options.preserve_order = False
@@ -164,10 +182,52 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None) -> RunSu
             # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
             num_cpus=config.cpus_per_encode_worker)
-        rows += _first_result_per_video(dataset.iter_rows())
+        if progress is not None:
+            progress.start(len(inputs) + len(repeats), failed=len(repeats))
+        rows += _first_result_per_video(_reported(dataset.iter_rows(), progress))
 
     rows += _lost(inputs, rows)
     return _record(store, config, run_id, fingerprint, started_at, rows, seconds=time.perf_counter() - clock)
+
+
+# The most the driver reads to find every input already stored before it starts Ray
+# (hashing is what proves a video unchanged); a larger corpus is checked by the decode
+# actors, in parallel, as before.
+PRE_RAY_CHECK_MAX_BYTES = 2 * 2**30
+PRE_RAY_CHECK_MAX_VIDEOS = 10_000
+
+
+def _stored_before_ray(store: TokenStore, inputs: list[VideoInput], fingerprint: str,
+                       storage_options: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The result rows of a run over ``inputs`` when it would decode nothing: each input
+    ``skipped`` (the store holds it under ``fingerprint``, by the decode stage's own test:
+    content hash, token set and index entry) or ``failed`` (missing or empty, as the decode
+    stage would record it). None as soon as one video needs decoding, or the check would
+    read too much."""
+    if not inputs or len(inputs) > PRE_RAY_CHECK_MAX_VIDEOS:
+        return None
+    rows, bytes_read = [], 0
+    for item in inputs:
+        try:
+            fetched = fetch_video(item.uri, storage_options)
+        except VideoError as error:  # missing or empty: failed as the decode stage fails it
+            rows.append(failed_row(item.video_id, item.uri, "decode", error))
+            continue
+        source = fetched.source
+        bytes_read += len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        if bytes_read > PRE_RAY_CHECK_MAX_BYTES or not store.exists(fetched.content_hash, fingerprint, item.video_id):
+            return None
+        rows.append(result_row(item.video_id, item.uri, "skipped", bytes=0, content_hash=fetched.content_hash,
+                               key=token_set_key(fetched.content_hash, fingerprint)))
+    return rows
+
+
+def _reported(rows, progress: Progress | None):
+    """``rows`` unchanged, each also told to ``progress``."""
+    for row in rows:
+        if progress is not None:
+            progress.result(row["video_id"], row["status"], row.get("message"))
+        yield row
 
 
 def _decode_workers(config: PreprocessConfig, gpus: float) -> int:
@@ -224,6 +284,7 @@ def connect(address: str | None) -> None:
     """Join the Ray cluster at ``address`` ("auto" for the one this machine belongs to);
     ``None`` starts an embedded local one."""
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
 
 

@@ -434,7 +434,7 @@ def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engine
     summary = run_questions_file(engines["qwen2-vl"], store, questions_path, out_path, max_new_tokens=4)
 
     answers = [json.loads(line) for line in out_path.read_text().splitlines()]
-    assert [(a["id"], a["video_id"]) for a in answers] == [("q1", "qwen2-vl/bunny"), ("q9", "qwen2-vl/bunny"), (8, "qwen2-vl/bikes")]
+    assert [(a["id"], a["video_id"]) for a in answers] == [("q1", "qwen2-vl/bunny"), ("q9", "qwen2-vl/bunny"), ("8", "qwen2-vl/bikes")]
     assert [a["prefix_reused"] for a in answers] == [False, True, False]
     for answer in answers:
         assert set(answer) >= {"answer", "load_s", "prefill_s", "ttft_s", "total_s", "num_visual_tokens"}
@@ -479,7 +479,7 @@ def test_query_command(model_cache, store, tmp_path):
     summary = json.loads(result.stdout)
     assert (summary["num_questions"], summary["num_answered"]) == (3, 2)
     assert summary["problems"][0]["video_id"] == "nope"
-    assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["id"] for line in out_path.read_text().splitlines()] == ["1", "2"]
 
     result = CliRunner().invoke(main, args)
     assert "answered 2 of 3 questions on 1 videos" in result.stdout
