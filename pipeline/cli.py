@@ -341,11 +341,11 @@ def eval_(store_url, model_spec, device, dtype, config_fingerprint, benchmark_pa
     from pipeline.evaluate import CATEGORY_KEYS, BenchmarkError, evaluate, load_benchmark
     from pipeline.store import TokenStore
 
+    config_fingerprint = _check_query_inputs(store_url, out_path, model_spec, config_fingerprint)
     try:
         benchmark = load_benchmark(benchmark_path, video_key=video_key, category_keys=categories or CATEGORY_KEYS)
     except BenchmarkError as error:
         raise click.BadParameter(str(error), param_hint="--benchmark") from None
-    config_fingerprint = _check_query_inputs(store_url, out_path, model_spec, config_fingerprint)
     engine = _load_engine(model_spec, device, dtype)
     report = evaluate(engine, TokenStore(store_url), benchmark, config_fingerprint=config_fingerprint,
                       max_new_tokens=max_new_tokens)

@@ -226,7 +226,7 @@ def _reported(rows, progress: Progress | None):
     """``rows`` unchanged, each also told to ``progress``."""
     for row in rows:
         if progress is not None:
-            progress.result(row["video_id"], row["status"], row.get("message"))
+            progress.result(row["video_id"], row["status"], f"{row['error_type']}: {row['message']}")
         yield row
 
 
