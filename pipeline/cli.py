@@ -232,34 +232,41 @@ def _model_options(command):
     return command
 
 
-def _store_config(store_url: str, given: str | None) -> str | None:
-    """The config fingerprint a query uses: ``given`` (which the store must hold), else
-    the store's only one; several without --config-fingerprint is a usage error."""
-    from collections import Counter
+def _store_config(store_url: str, given: str | None, video_ids: set[str]) -> str | None:
+    """The config fingerprint a query over ``video_ids`` uses: ``given`` (which the store
+    must hold), else None, letting each video's only config be used. A video stored under
+    several configs needs --config-fingerprint: that is a usage error, named with them."""
+    from collections import defaultdict
 
     from pipeline.store import TokenStore
 
     summaries = TokenStore(store_url).list()
-    configs = Counter(summary.config_fingerprint for summary in summaries)
-    models = {summary.config_fingerprint: summary.model_id for summary in summaries}
-    listing = "; ".join(f"{fp} ({count} videos, {models[fp]})" for fp, count in configs.most_common())
+    configs_of = defaultdict(dict)
+    for summary in summaries:
+        configs_of[summary.video_id][summary.config_fingerprint] = summary.model_id
+    every_config = {fp: model for configs in configs_of.values() for fp, model in configs.items()}
     if given is not None:
-        if given not in configs:
+        if given not in every_config:
+            listing = "; ".join(f"{fp} ({model})" for fp, model in sorted(every_config.items()))
             raise click.BadParameter(f"{store_url} has no token sets under config {given}; it has: "
                                      f"{listing or 'none'}.", param_hint="--config-fingerprint")
         return given
-    if len(configs) > 1:
-        raise click.UsageError(f"{store_url} holds token sets of {len(configs)} configs: {listing}. Choose one "
-                               f"with --config-fingerprint FP (`sttm inspect {store_url}` shows their settings).")
-    return next(iter(configs), None)
+    ambiguous = sorted(video for video in video_ids if len(configs_of.get(video, ())) > 1)
+    if ambiguous:
+        configs = {fp: model for video in ambiguous for fp, model in configs_of[video].items()}
+        listing = "; ".join(f"{fp} ({model})" for fp, model in sorted(configs.items()))
+        raise click.UsageError(
+            f"{len(ambiguous)} of the videos asked about ({', '.join(map(repr, ambiguous[:3]))}"
+            f"{', ...' if len(ambiguous) > 3 else ''}) have token sets under several configs in {store_url}: "
+            f"{listing}. Choose one with --config-fingerprint FP (`sttm inspect {store_url}` shows their settings).")
+    return None
 
 
-def _check_query_inputs(store_url: str, out_path: str, model_spec: str, config_fingerprint: str | None) -> str | None:
-    """Checks of `sttm query` and `sttm eval` before the model loads; returns the config."""
+def _check_query_inputs(store_url: str, out_path: str, model_spec: str) -> None:
+    """Checks of `sttm query` and `sttm eval` before anything is read."""
     validate.check_store_to_read(store_url)
     validate.check_output_file(out_path, "--out")
     validate.check_model_spec(model_spec)
-    return _store_config(store_url, config_fingerprint)
 
 
 def _load_engine(model_spec: str, device: str | None, dtype: str):
@@ -293,7 +300,11 @@ def query(store_url, model_spec, device, dtype, config_fingerprint, questions_pa
     from pipeline.query import run_questions_file
     from pipeline.store import TokenStore
 
-    config_fingerprint = _check_query_inputs(store_url, out_path, model_spec, config_fingerprint)
+    from pipeline.query import read_questions
+
+    _check_query_inputs(store_url, out_path, model_spec)
+    questions, _ = read_questions(questions_path)
+    config_fingerprint = _store_config(store_url, config_fingerprint, {q.video_id for q in questions})
     engine = _load_engine(model_spec, device, dtype)
     try:
         summary = run_questions_file(
@@ -341,11 +352,12 @@ def eval_(store_url, model_spec, device, dtype, config_fingerprint, benchmark_pa
     from pipeline.evaluate import CATEGORY_KEYS, BenchmarkError, evaluate, load_benchmark
     from pipeline.store import TokenStore
 
-    config_fingerprint = _check_query_inputs(store_url, out_path, model_spec, config_fingerprint)
+    _check_query_inputs(store_url, out_path, model_spec)
     try:
         benchmark = load_benchmark(benchmark_path, video_key=video_key, category_keys=categories or CATEGORY_KEYS)
     except BenchmarkError as error:
         raise click.BadParameter(str(error), param_hint="--benchmark") from None
+    config_fingerprint = _store_config(store_url, config_fingerprint, {item.video_id for item in benchmark})
     engine = _load_engine(model_spec, device, dtype)
     report = evaluate(engine, TokenStore(store_url), benchmark, config_fingerprint=config_fingerprint,
                       max_new_tokens=max_new_tokens)
