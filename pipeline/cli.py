@@ -191,9 +191,8 @@ def submit(config_path, address, working_dir, wait, as_json):
     """
     from pathlib import Path
 
-    from pipeline.submit import submit_job
-
     from pipeline.config import ConfigError, PreprocessConfig
+    from pipeline.submit import submit_job
 
     validate.check_config_file(config_path, PreprocessConfig, flag=f"CONFIG {config_path}")
     try:
@@ -297,10 +296,8 @@ def query(store_url, model_spec, device, dtype, config_fingerprint, questions_pa
     Exits with status 1 when some input line or video could not be used (the others are
     still answered and written).
     """
-    from pipeline.query import run_questions_file
+    from pipeline.query import read_questions, run_questions_file
     from pipeline.store import TokenStore
-
-    from pipeline.query import read_questions
 
     _check_query_inputs(store_url, out_path, model_spec)
     questions, _ = read_questions(questions_path)

@@ -95,7 +95,8 @@ def encoder_facts(model_spec: str) -> EncoderFacts:
     files can change behind a name). A stale entry cannot corrupt a store: every encoder
     worker compares the fingerprint with the weights it loaded and refuses to start.
     """
-    from pipeline.models.tiny_random import cache_root, resolve_model
+    from pipeline.models import resolve_model
+    from pipeline.models.tiny_random import cache_root
 
     path = resolve_model(model_spec)
     key = _checkpoint_identity(path)
@@ -117,7 +118,7 @@ def encoder_facts(model_spec: str) -> EncoderFacts:
 
 
 def _load_encoder_facts(model_spec: str) -> EncoderFacts:
-    from pipeline.models.base import load_adapter
+    from pipeline.models import load_adapter
     from pipeline.stages import sampling_dict
 
     adapter = load_adapter(model_spec, device="cpu")

@@ -165,7 +165,8 @@ def check_model_spec(spec: str, flag: str = "--model") -> None:
     family is known, the folder exists and holds a config.json, and a hub id is in the
     local cache when the hub is offline. Loads no weights (a tiny-random model is built
     on first use, which is its normal path)."""
-    from pipeline.models.tiny_random import TINY_RANDOM_PREFIX, resolve_model
+    from pipeline.models import resolve_model
+    from pipeline.models.tiny_random import TINY_RANDOM_PREFIX
 
     if spec.startswith(TINY_RANDOM_PREFIX):
         try:

@@ -201,7 +201,7 @@ def test_a_rerun_over_a_finished_store_records_itself_without_ray(two_config_sto
 
 
 def test_the_encoder_facts_are_cached_by_the_checkpoint_files(tmp_path, monkeypatch):
-    from pipeline.models.tiny_random import resolve_model
+    from pipeline.models import resolve_model
 
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(resolve_model(MODEL), checkpoint)
