@@ -29,7 +29,7 @@ import ray
 from pipeline.config import PreprocessConfig
 from pipeline.fingerprint import config_fingerprint
 from pipeline.inputs import list_inputs
-from pipeline.models.base import load_adapter
+from pipeline.models import load_adapter
 from pipeline.run import run_preprocess
 from pipeline.samples import SAMPLE_VIDEOS
 from pipeline.stages import DecodeStage, TokenizeStage, sampling_dict

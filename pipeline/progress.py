@@ -221,9 +221,12 @@ def job_console(quiet: bool, local_ray: bool) -> Iterator[Progress]:
         finally:
             progress.close()
         return
+    quiet_settings = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # transformers' "Loading weights" bars
     if local_ray:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars
+        quiet_settings["RAY_AUTH_MODE"] = "token"
+    saved_environment = {name: os.environ.get(name) for name in quiet_settings}
+    for name, value in quiet_settings.items():
+        os.environ.setdefault(name, value)
 
     sys.stderr.flush()
     real_stderr = os.dup(2)
@@ -245,6 +248,9 @@ def job_console(quiet: bool, local_ray: bool) -> Iterator[Progress]:
         forwarder.join(timeout=2)
         progress.close()
         progress.stream.close()
+        for name, value in saved_environment.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
 def _forward(read_end: int, emit) -> None:

@@ -285,7 +285,9 @@ def connect(address: str | None) -> None:
     ``None`` starts an embedded local one."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        # A cluster of this process needs no dashboard (half of a local start-up's work).
+        local = {"include_dashboard": False} if address == "local" else {}
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
 
 
 def exit_code(summary: RunSummary, max_failure_rate: float) -> int:
