@@ -24,6 +24,8 @@ class _Debug:
 def _debug_option(command):
     def remember(ctx, param, value):
         _Debug.on = _Debug.on or value
+        if not _Debug.on:  # before transformers is imported, which reads it once
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # its "Loading weights" bars
         return value
 
     return click.option("--debug", "-v", is_flag=True, expose_value=False, is_eager=True, callback=remember,
