@@ -3,12 +3,20 @@
 A token set is a pure function of (video bytes, model, sampling, STTM configuration), so
 ``(content_hash, config_fingerprint)`` names it: re-running a job finds what it already
 wrote, and the same video under two names is recognised as one.
+
+The config fingerprint includes the encoder's weights fingerprint; ``encoder_facts``
+caches it by the checkpoint files' identity, so a re-run decides what to skip without
+loading the model.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 # Fingerprints are cut to 16 hex digits (64 bits): a store holds a handful of configs, so
@@ -58,3 +66,93 @@ def config_fingerprint(
     }
     digest = hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
     return digest[:CONFIG_FINGERPRINT_HEX_DIGITS]
+
+
+# ---------------------------------------------------------------------------------------
+# The encoder's facts, cached by the checkpoint files' identity
+
+
+@dataclass(frozen=True)
+class EncoderFacts:
+    """What a job needs to know about a model before it runs, besides the weights
+    themselves: ``fingerprint`` (``VideoAdapter.fingerprint``), ``default_sampling``
+    (``sampling_dict`` of the model's own recipe) and ``input_frame_size`` (the fixed
+    frame size the model resizes to, or None)."""
+
+    fingerprint: str
+    default_sampling: dict[str, Any]
+    input_frame_size: tuple[int, int] | None
+
+
+def encoder_facts(model_spec: str) -> EncoderFacts:
+    """The encoder facts of ``model_spec``, from the cache when its checkpoint files are
+    unchanged, else by loading the vision side once on the CPU (and caching the result).
+
+    The cache (``$STTM_CACHE/encoder-facts/``) is keyed by the checkpoint folder's real
+    path and every file's (name, size, mtime), plus the versions of the code that computes
+    the facts (this package's model adapters, torch, transformers), so that a re-run
+    knows its config fingerprint without loading weights. Hub ids are not cached (their
+    files can change behind a name). A stale entry cannot corrupt a store: every encoder
+    worker compares the fingerprint with the weights it loaded and refuses to start.
+    """
+    from pipeline.models import resolve_model
+    from pipeline.models.tiny_random import cache_root
+
+    path = resolve_model(model_spec)
+    key = _checkpoint_identity(path)
+    cached = cache_root() / "encoder-facts" / f"{key}.json" if key else None
+    if cached is not None and cached.is_file():
+        try:
+            facts = json.loads(cached.read_text())
+            size = facts["input_frame_size"]
+            return EncoderFacts(facts["fingerprint"], facts["default_sampling"], tuple(size) if size else None)
+        except (ValueError, KeyError, TypeError):
+            pass  # unreadable: compute it again below
+    facts = _load_encoder_facts(model_spec)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staging = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staging.write_text(canonical_json(dataclasses.asdict(facts)))
+        staging.replace(cached)  # atomic: a concurrent reader sees all of it or nothing
+    return facts
+
+
+def _load_encoder_facts(model_spec: str) -> EncoderFacts:
+    from pipeline.models import load_adapter
+    from pipeline.stages import sampling_dict
+
+    adapter = load_adapter(model_spec, device="cpu")
+    size = adapter.input_frame_size
+    return EncoderFacts(adapter.fingerprint, sampling_dict(adapter.default_sampling()),
+                        tuple(size) if size else None)
+
+
+def _checkpoint_identity(path: str) -> str | None:
+    """A hex digest of a local checkpoint folder's files (path, size, mtime) and of the
+    code that computes encoder facts; None for anything but a local folder."""
+    import torch
+    import transformers
+
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    files = []
+    for file in sorted(root.rglob("*")):
+        if file.is_file():
+            stat = file.stat()
+            files.append([file.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns])
+    models_dir = Path(__file__).parent / "models"
+    code = hashlib.sha256()
+    for source in sorted(models_dir.glob("*.py")):
+        code.update(source.name.encode() + b"\0" + source.read_bytes())
+    identity = {"path": str(root.resolve()), "files": files, "code": code.hexdigest(),
+                "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(canonical_json(identity).encode()).hexdigest()
+
+
+def sampling_policy_from_dict(sampling: Mapping[str, Any]):
+    """The ``SamplingPolicy`` that ``sampling_dict`` described."""
+    from pipeline import decode
+
+    fields = dict(sampling)
+    return getattr(decode, fields.pop("policy"))(**fields)

@@ -806,7 +806,8 @@ class _StaticRun:
 
 @dataclass(frozen=True)
 class Question:
-    """One question about one video; ``id`` is the caller's (default: its line number)."""
+    """One question about one video; ``id`` is the caller's (a string in a questions file: its ``id``, else
+    its line number)."""
 
     id: Any
     video_id: str
@@ -876,7 +877,7 @@ def read_questions(path: str | Path) -> tuple[list[Question], list[InputProblem]
             if missing:
                 problems.append(InputProblem(number, f"needs non-empty string fields {missing}"))
                 continue
-            questions.append(Question(id=record.get("id", number), video_id=record["video_id"], text=record["question"]))
+            questions.append(Question(id=str(record.get("id", number)), video_id=record["video_id"], text=record["question"]))
     return questions, problems
 
 

@@ -34,18 +34,21 @@ import fsspec
 import ray
 
 from pipeline.config import CPUS_PER_GPU_WORKER, ConfigError, PreprocessConfig, check_run_id
-from pipeline.fingerprint import config_fingerprint
+from pipeline.decode import fetch_video
+from pipeline.errors import VideoError
+from pipeline.fingerprint import config_fingerprint, encoder_facts, sampling_policy_from_dict
 from pipeline.inputs import InputError, VideoInput, list_inputs
-from pipeline.models import load_adapter
+from pipeline.progress import Progress
 from pipeline.stages import (
     PIPELINE_VERSION,
     DecodeStage,
     TokenizeStage,
     plain_value,
     failed_row,
+    result_row,
     sampling_dict,
 )
-from pipeline.store import FailureRecord, ManifestEntry, RunManifest, TokenStore
+from pipeline.store import FailureRecord, ManifestEntry, RunManifest, TokenStore, token_set_key
 from pipeline.uris import redact_urls, sanitize_uri
 
 logger = logging.getLogger(__name__)
@@ -182,11 +185,14 @@ def _resolve_device(config: PreprocessConfig) -> tuple[str, float]:
     return device, (1.0 if device.startswith("cuda") else 0.0)
 
 
-def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address: str | None = None) -> RunSummary:
+def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address: str | None = None,
+                   progress: Progress | None = None) -> RunSummary:
     """Run the job on the current Ray cluster, else the one at ``address`` (see ``connect``).
 
     Raises NotStartedError before Ray starts when the run id, the inputs or the store are
-    not usable; after that, every outcome is a record (see the module docstring).
+    not usable; after that, every outcome is a record (see the module docstring). When the
+    store already holds every input, the run is recorded without starting Ray or loading
+    the model. ``progress`` is told about the run as it goes.
     """
     started_at = datetime.now(timezone.utc)
     clock = time.perf_counter()
@@ -196,17 +202,26 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
     check_store_writable(config.output, config.storage_options)
     store = TokenStore(config.output, config.storage_options)
 
-    # The config fingerprint needs the encoder's weights fingerprint: load the vision side
-    # once here, on the CPU (the workers check they loaded the same weights).
-    planner = load_adapter(config.model, device="cpu")
-    policy = config.sampling_policy() or planner.default_sampling()
+    # The config fingerprint needs the encoder's weights fingerprint: cached by the
+    # checkpoint files' identity, else computed once here on the CPU (the workers check
+    # they loaded the same weights).
+    encoder = encoder_facts(config.model)
+    policy = config.sampling_policy() or sampling_policy_from_dict(encoder.default_sampling)
     sampling = sampling_dict(policy)
-    encoder_fingerprint, model_frame_size = planner.fingerprint, planner.input_frame_size
+    encoder_fingerprint, model_frame_size = encoder.fingerprint, encoder.input_frame_size
     fingerprint = config_fingerprint(model_id=config.model, model_revision=None,
                                      encoder_fingerprint=encoder_fingerprint, sampling=sampling,
                                      sttm=config.sttm_options())
-    del planner
 
+    if progress is not None:
+        progress.phase("checking what the store holds")
+    already_stored = _stored_before_ray(store, inputs, fingerprint, config.storage_options)
+    if already_stored is not None:  # nothing to do: no Ray, no model
+        return _record(store, config, run_id, fingerprint, started_at, repeats + already_stored,
+                       seconds=time.perf_counter() - clock)
+
+    if progress is not None:
+        progress.phase("starting Ray" if address is None and not ray.is_initialized() else "joining Ray")
     connect(address)  # no-op when the caller already joined a cluster
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = config.progress
@@ -238,8 +253,10 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
                 # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
                 num_cpus=config.cpus_per_encode_worker)
+            if progress is not None:
+                progress.start(len(inputs) + len(repeats), failed=len(repeats))
             try:
-                _collect_first_result_per_video(dataset.iter_rows(), results)
+                _collect_first_result_per_video(_reported(dataset.iter_rows(), progress), results)
             except RunInterrupted as signalled:
                 logger.warning("%s: recording the run; %d of %d videos finished", signalled.signal_name,
                                len(results), len(inputs))
@@ -278,6 +295,46 @@ class _SignalStop:
             self.interruption = RunInterrupted(signum)
             if self.collecting:
                 raise self.interruption
+
+
+# The most the driver reads to find every input already stored before it starts Ray
+# (hashing is what proves a video unchanged); a larger corpus is checked by the decode
+# actors, in parallel, as before.
+PRE_RAY_CHECK_MAX_BYTES = 2 * 2**30
+PRE_RAY_CHECK_MAX_VIDEOS = 10_000
+
+
+def _stored_before_ray(store: TokenStore, inputs: list[VideoInput], fingerprint: str,
+                       storage_options: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The result rows of a run over ``inputs`` when it would decode nothing: each input
+    ``skipped`` (the store holds it under ``fingerprint``, by the decode stage's own test:
+    content hash, token set and index entry) or ``failed`` (missing or empty, as the decode
+    stage would record it). None as soon as one video needs decoding, or the check would
+    read too much."""
+    if not inputs or len(inputs) > PRE_RAY_CHECK_MAX_VIDEOS:
+        return None
+    rows, bytes_read = [], 0
+    for item in inputs:
+        try:
+            fetched = fetch_video(item.uri, storage_options)
+        except VideoError as error:  # missing or empty: failed as the decode stage fails it
+            rows.append(failed_row(item.video_id, item.uri, "decode", error))
+            continue
+        source = fetched.source
+        bytes_read += len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        if bytes_read > PRE_RAY_CHECK_MAX_BYTES or not store.exists(fetched.content_hash, fingerprint, item.video_id):
+            return None
+        rows.append(result_row(item.video_id, item.uri, "skipped", bytes=0, content_hash=fetched.content_hash,
+                               key=token_set_key(fetched.content_hash, fingerprint)))
+    return rows
+
+
+def _reported(rows, progress: Progress | None):
+    """``rows`` unchanged, each also told to ``progress``."""
+    for row in rows:
+        if progress is not None:
+            progress.result(row["video_id"], row["status"], f"{row['error_type']}: {row['message']}")
+        yield row
 
 
 def _decode_workers(config: PreprocessConfig, gpus: float) -> int:
@@ -356,8 +413,10 @@ def connect(address: str | None) -> None:
     never whatever cluster this machine happened to start last (Ray's own default)."""
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or "local"
+        # A cluster of this process needs no dashboard (half of a local start-up's work).
+        local = {"include_dashboard": False} if address == "local" else {}
         try:
-            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, **local)
         except Exception as error:  # Ray raises bare Exceptions, ConnectionErrors, ValueErrors
             what = "a local Ray cluster could not be started" if address == "local" else \
                 f"the Ray cluster at {redact_urls(address)!r} could not be joined"

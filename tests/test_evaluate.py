@@ -195,6 +195,7 @@ def test_eval_command_scores_the_stored_videos_and_reports_the_missing(videomme_
     assert result.exit_code == 1, result.output  # 8 of the 10 videos are not in the store
     summary = json.loads(result.stdout)
     assert (summary["num_questions"], summary["num_answered"], summary["num_failed"]) == (30, 6, 24)
+    assert len(summary["problems"]) == 24 and summary["problems"][0]["id"] == "003-1"  # as in `sttm query --json`
     assert summary["timings"]["num_videos"] == 2 and summary["timings"]["saved_s"] > 0
     assert sum(t["total"] for t in summary["by_category"]["task_type"].values()) == 6
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -286,8 +286,8 @@ def test_inspect_reads_token_sets_of_schema_1_0_and_refuses_a_future_major(tmp_p
 
 def test_inspect_of_a_missing_store_says_so(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "no-store-here")])
-    assert result.exit_code == 1
-    assert "no token store at" in result.output and "no-store-here" in result.output
+    assert result.exit_code == 2  # a usage error, found before anything is read
+    assert "does not exist" in result.output and "no-store-here" in result.output
 
 
 # --------------------------------------------------------------------------- visualize
@@ -455,5 +455,5 @@ def test_budget_curve_plots_what_merge_keeps_at_each_threshold(llava, tmp_path):
 def test_budget_curve_of_a_missing_video_names_it(tmp_path):
     result = CliRunner().invoke(main, ["budget-curve", str(tmp_path / "gone.mp4"), "--model", MODEL,
                                        "--out", str(tmp_path / "curve.png")])
-    assert result.exit_code == 1
-    assert f"{tmp_path / 'gone.mp4'}: no such file" in result.output
+    assert result.exit_code == 2  # a usage error, found before the model loads
+    assert f"{tmp_path / 'gone.mp4'}: no such video file" in result.output

@@ -464,7 +464,7 @@ def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engine
     summary = run_questions_file(engines["qwen2-vl"], store, questions_path, out_path, max_new_tokens=4)
 
     answers = [json.loads(line) for line in out_path.read_text().splitlines()]
-    assert [(a["id"], a["video_id"]) for a in answers] == [("q1", "qwen2-vl/bunny"), ("q9", "qwen2-vl/bunny"), (8, "qwen2-vl/bikes")]
+    assert [(a["id"], a["video_id"]) for a in answers] == [("q1", "qwen2-vl/bunny"), ("q9", "qwen2-vl/bunny"), ("8", "qwen2-vl/bikes")]
     assert [a["prefix_reused"] for a in answers] == [False, True, False]
     for answer in answers:
         assert set(answer) >= {"answer", "load_s", "prefill_s", "ttft_s", "total_s", "num_visual_tokens"}
