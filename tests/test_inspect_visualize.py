@@ -259,7 +259,11 @@ def test_inspect_names_a_token_set_its_index_points_to_but_is_gone(pipeline_stor
     (store / key).unlink()
     result = CliRunner().invoke(main, ["inspect", str(store)])
     assert result.exit_code == 1
-    assert f"{store}/{key}: {store}/{key} does not exist" in result.output
+    assert f"{store}/{key}: " in result.output  # the message itself is cut to one line of text
+    as_json = CliRunner().invoke(main, ["inspect", str(store), "--json"])
+    assert as_json.exit_code == 1
+    (problem,) = json.loads(as_json.stdout)["problems"]
+    assert problem["key"] == key and problem["message"].endswith("does not exist")
     # The report goes on: the other videos are still listed.
     others = [s.video_id for s in TokenStore(str(store)).list() if s.key != key]
     assert others and all(video_id in result.output for video_id in others)
