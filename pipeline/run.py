@@ -432,13 +432,24 @@ def stdout_to_stderr() -> Iterator[Any]:
     real_stdout = os.dup(1)
     os.dup2(2, 1)
     try:
-        with os.fdopen(os.dup(real_stdout), "w", encoding="utf-8", closefd=True) as out:
-            yield out
-            out.flush()
+        if _file_descriptor(sys.stdout) == 1:
+            with os.fdopen(os.dup(real_stdout), "w", encoding="utf-8", closefd=True) as out:
+                yield out
+                out.flush()
+        else:  # stdout captured in Python (click's CliRunner, an embedding program): the caller's own
+            yield sys.stdout
     finally:
         sys.stdout.flush()
         os.dup2(real_stdout, 1)
         os.close(real_stdout)
+
+
+def _file_descriptor(stream: Any) -> int | None:
+    """The file descriptor behind ``stream``, None when it has none."""
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both
+        return None
 
 
 def exit_code(summary: RunSummary, max_failure_rate: float) -> int:
