@@ -320,6 +320,8 @@ def _stored_before_ray(store: TokenStore, inputs: list[VideoInput], fingerprint:
         except VideoError as error:  # missing or empty: failed as the decode stage fails it
             rows.append(failed_row(item.video_id, item.uri, "decode", error))
             continue
+        except Exception:  # anything else is the decode stage's to record, video by video
+            return None
         source = fetched.source
         bytes_read += len(source) if isinstance(source, bytes) else os.path.getsize(source)
         if bytes_read > PRE_RAY_CHECK_MAX_BYTES or not store.exists(fetched.content_hash, fingerprint, item.video_id):

@@ -161,13 +161,12 @@ def test_bad_run_id_prefix_ids_and_stores_fail_before_any_work(tmp_path, s3_serv
 
 def test_cli_names_a_bad_run_id_prefix_with_its_own_exit_code(tmp_path):
     distinct_videos(tmp_path / "videos", 1)
-    started = time.monotonic()
     result = subprocess.run([*CLI, str(tmp_path / "videos"), "--output", str(tmp_path / "store"),
                              "--run-id-prefix", "../evil", "--json"], capture_output=True, text=True, timeout=120)
     assert result.returncode == EXIT_NOT_STARTED and result.stdout == ""
-    assert "run_id_prefix" in result.stderr and "Traceback" not in result.stderr
+    assert "--run-id-prefix" in result.stderr and "Traceback" not in result.stderr
+    # Refused before any work: no store, nothing written beside it.
     assert not (tmp_path / "store").exists() and not (tmp_path / "evil").exists()
-    assert time.monotonic() - started < 60  # no video was decoded (generous: a loaded 2-core machine)
 
 
 # ----------------------------------------------------------------------------- item 3: during the run, item 5
