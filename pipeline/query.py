@@ -952,51 +952,6 @@ def prefix_reuse_timings(results: Iterable[QuestionResult]) -> dict[str, float |
     }
 
 
-@dataclass(frozen=True)
-class QueryRunSummary:
-    """What ``run_questions_file`` did. ``problems``: one ``{"line": ..., "error": ...}``
-    per unreadable input line and one ``{"id", "video_id", "error"}`` per question whose
-    video could not be used. ``timings``: ``prefix_reuse_timings`` plus ``wall_s``."""
-
-    num_questions: int
-    num_answered: int
-    problems: list[dict[str, Any]]
-    timings: dict[str, float | int]
-
-
-def run_questions_file(
-    engine: QueryEngine,
-    store: TokenStore,
-    questions_path: str | Path,
-    out_path: str | Path,
-    **options: Any,
-) -> QueryRunSummary:
-    """Answer every question of a JSONL questions file (``read_questions``) and write one
-    JSON line per answered question to ``out_path`` (``QuestionResult.to_json``), in the
-    order they are answered. ``options`` go to ``answer_questions``.
-
-    Raises ValueError when the file holds no question at all.
-    """
-    start = time.perf_counter()
-    questions, input_problems = read_questions(questions_path)
-    problems = [{"line": problem.line, "error": problem.message} for problem in input_problems]
-    if not questions:
-        details = "".join(f"\n  line {problem['line']}: {problem['error']}" for problem in problems)
-        raise ValueError(f"{questions_path} holds no questions{details}")
-    results = []
-    with open(out_path, "w", encoding="utf-8") as out:
-        for result in answer_questions(engine, store, questions, **options):
-            results.append(result)
-            if result.answer is None:
-                problems.append({"id": result.question.id, "video_id": result.question.video_id, "error": result.error})
-                continue
-            out.write(json.dumps(result.to_json(), ensure_ascii=False) + "\n")
-            out.flush()
-    timings = prefix_reuse_timings(results) | {"wall_s": round(time.perf_counter() - start, 6)}
-    answered = sum(result.answer is not None for result in results)
-    return QueryRunSummary(len(questions), answered, problems, timings)
-
-
 def _chat_template(model_path: str, tokenizer) -> str:
     """The processor's chat template (``chat_template.jinja``/``.json`` of the checkpoint),
     else the tokenizer's. Read without building the processor, whose video processor

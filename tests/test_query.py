@@ -18,7 +18,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.models import load_adapter, resolve_model
-from pipeline.query import IncompatibleTokenSetError, QueryEngine, Question, answer_questions, run_questions_file
+from pipeline.query import IncompatibleTokenSetError, QueryEngine, Question, answer_questions
+from pipeline.query_job import QueryKey, run_query
 from pipeline.store import TokenStore
 from query_setup import FAMILIES, decode_sample, stored_token_set, with_features
 
@@ -446,6 +447,11 @@ def test_a_store_made_for_another_model_is_refused(engines, store):
         engines["llava-onevision"].prefill(stored)
 
 
+def query_key(store, max_new_tokens=16):
+    return QueryKey.of(store=store.url, config_fingerprint=None, model="tiny-random:qwen2-vl", dtype="float32",
+                       max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, seed=None)
+
+
 def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engines, store, tmp_path):
     lines = [
         json.dumps({"video_id": "qwen2-vl/bunny", "question": QUESTIONS[0], "id": "q1"}),  # 1
@@ -461,9 +467,11 @@ def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engine
     questions_path, out_path = tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
     questions_path.write_text("\n".join(lines) + "\n")
 
-    summary = run_questions_file(engines["qwen2-vl"], store, questions_path, out_path, max_new_tokens=4)
+    summary = run_query(questions_path, out_path, query_key(store, max_new_tokens=4),
+                        lambda questions: answer_questions(engines["qwen2-vl"], store, questions, max_new_tokens=4))
 
-    answers = [json.loads(line) for line in out_path.read_text().splitlines()]
+    written = [json.loads(line) for line in out_path.read_text().splitlines()]
+    answers = [line for line in written if "answer" in line]
     assert [(a["id"], a["video_id"]) for a in answers] == [("q1", "qwen2-vl/bunny"), ("q9", "qwen2-vl/bunny"), ("8", "qwen2-vl/bikes")]
     assert [a["prefix_reused"] for a in answers] == [False, True, False]
     for answer in answers:
@@ -477,13 +485,18 @@ def test_questions_file_reports_bad_lines_and_videos_and_answers_the_rest(engine
     assert "another vision encoder" in by_id["q7"]
     assert summary.timings["num_videos"] == 2
     assert summary.timings["saved_s"] == pytest.approx(answers[0]["prefill_s"], abs=2e-6)
+    # Besides the answers, the output holds each problem once, with the run's key.
+    key = query_key(store, max_new_tokens=4).to_json()
+    assert [line for line in written if "answer" not in line] == [problem | {"key": key} for problem in summary.problems]
 
 
 def test_a_questions_file_without_questions_is_an_error(engines, store, tmp_path):
     questions_path = tmp_path / "questions.jsonl"
     questions_path.write_text("\n\n{\"question\": \"no video\"}\n")
+    asked = []
     with pytest.raises(ValueError, match=r"holds no questions\n  line 3: needs non-empty string fields \['video_id'\]"):
-        run_questions_file(engines["qwen2-vl"], store, questions_path, tmp_path / "answers.jsonl")
+        run_query(questions_path, tmp_path / "answers.jsonl", query_key(store), asked.append)
+    assert asked == []  # refused before any model would answer
 
 
 def test_empty_question_text_is_refused(engines, store):
