@@ -17,6 +17,7 @@ import torch
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 from transformers.video_utils import VideoMetadata
 
+from conftest import connected_to
 import schemas
 import sttm
 from pipeline import store as store_module
@@ -258,12 +259,10 @@ def test_token_set_of_an_older_schema_without_deepstack_columns_is_still_read(tm
 # ------------------------------------------------------------------- end to end
 
 
-def test_qwen3_vl_preprocess_stores_both_samples_with_deepstack_and_visualize_draws_them(tmp_path):
+def test_qwen3_vl_preprocess_stores_both_samples_with_deepstack_and_visualize_draws_them(ray_cluster, tmp_path):
     """The preprocess job (real local Ray, decode and encode actors) on the bundled videos
     with the tiny Qwen3-VL: every video stored with its DeepStack levels, queryable, and
     drawn by the visualiser (one panel per temporal patch)."""
-    import ray
-
     from pipeline.config import PreprocessConfig
     from pipeline.run import run_preprocess
     from pipeline.samples import SAMPLE_DIR
@@ -272,11 +271,8 @@ def test_qwen3_vl_preprocess_stores_both_samples_with_deepstack_and_visualize_dr
     store_dir = tmp_path / "store"
     config = PreprocessConfig(input=str(SAMPLE_DIR), output=str(store_dir), model="tiny-random:qwen3-vl", frames=4,
                               progress=False)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    with connected_to(ray_cluster):
         summary = run_preprocess(config)
-    finally:
-        ray.shutdown()
     assert (summary.stored, summary.failed) == (2, 0), summary.failures
 
     store = TokenStore(str(store_dir))

@@ -19,11 +19,11 @@ from pathlib import Path
 import decord
 import numpy as np
 import pytest
-import ray
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from conftest import connected_to
 import pipeline.store as store_module
 import schemas
 import sttm
@@ -61,7 +61,7 @@ BUNNY = SAMPLE_DIR / "bigbuckbunny.mp4"
 
 
 @pytest.fixture(scope="module")
-def pipeline_store(tmp_path_factory) -> Path:
+def pipeline_store(tmp_path_factory, ray_cluster) -> Path:
     """A store written by the real preprocessing job: both sample videos stored (4 frames,
     budget 0.5) and one empty file that failed to decode."""
     root = tmp_path_factory.mktemp("pipeline")
@@ -70,13 +70,9 @@ def pipeline_store(tmp_path_factory) -> Path:
     for video in (BIKES, BUNNY):
         shutil.copy(video, videos / video.name)
     (videos / "empty.mp4").write_bytes(b"")
-    # "local": a fresh instance even when another Ray cluster runs on this machine.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    with connected_to(ray_cluster):
         summary = run_preprocess(PreprocessConfig(input=str(videos), output=str(root / "store"), model=MODEL,
                                                   frames=FRAMES, progress=False))
-    finally:
-        ray.shutdown()
     assert (summary.stored, summary.failed) == (2, 1)
     return root / "store"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import fsspec
 import psutil
 import pytest
-import ray
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.config import ConfigError, PreprocessConfig
 from pipeline.inputs import InputError, list_inputs
 from pipeline.run import run_preprocess
@@ -25,13 +26,6 @@ from pipeline.store import TokenStore
 
 MODEL = "tiny-random:llava-onevision"
 FRAMES = 4  # small and fast; the sampling itself is tested in test_decode.py
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def make_corpus(directory: Path) -> dict[str, str]:
@@ -125,7 +119,7 @@ def test_output_and_input_on_a_loopback_s3_server(local_ray, tmp_path, s3_server
     assert run_preprocess(config).skipped == 2
 
 
-def test_killed_job_resumes_with_nothing_missing_and_nothing_twice(tmp_path):
+def test_killed_job_resumes_with_nothing_missing_and_nothing_twice(ray_cluster, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     for copy in range(6):  # distinct bytes, so each is its own token set
@@ -153,8 +147,9 @@ def test_killed_job_resumes_with_nothing_missing_and_nothing_twice(tmp_path):
     assert 1 <= stored_before < 6
     assert not (store_dir / "manifests").exists()
 
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    # The resumed run: the same command, in this process, on the session's Ray cluster.
+    resumed = CliRunner().invoke(main, [*command[3:], "--address", ray_cluster.address])
+    assert resumed.exit_code == 0, resumed.output[-2000:]
     summary = json.loads(resumed.stdout)  # stdout is the summary alone
     assert summary["failed"] == 0 and summary["stored"] + summary["skipped"] == 6
     assert summary["skipped"] >= stored_before
@@ -170,19 +165,19 @@ def stop_processes_under(directory: Path) -> None:
             process.kill()
 
 
-def test_cli_exit_code_follows_the_failure_rate(tmp_path):
+def test_cli_exit_code_follows_the_failure_rate(ray_cluster, tmp_path):
     make_corpus(tmp_path / "videos")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}  # a fresh embedded Ray
-    base = [sys.executable, "-m", "pipeline.cli", "preprocess", str(tmp_path / "videos"), "--output",
-            str(tmp_path / "store"), "--model", MODEL, "--frames", str(FRAMES), "--budget", "0.3", "--json"]
-    strict = subprocess.run(base, env=env, capture_output=True, text=True, timeout=300)
-    assert strict.returncode == 1
+    # The command in this process, on the session's Ray cluster (its own embedded Ray is
+    # tested by the README walk-through and tests/test_cli.py).
+    base = ["preprocess", str(tmp_path / "videos"), "--output", str(tmp_path / "store"), "--model", MODEL,
+            "--frames", str(FRAMES), "--budget", "0.3", "--address", ray_cluster.address, "--json"]
+    strict = CliRunner().invoke(main, base)
+    assert strict.exit_code == 1 and isinstance(strict.exception, SystemExit), strict.output[-2000:]
     summary = json.loads(strict.stdout)
     assert {k: summary[k] for k in ("stored", "skipped", "failed")} == {"stored": 2, "skipped": 0, "failed": 3}
     assert summary["run_id"].startswith("run-") and summary["retention"]["max"] <= 0.3
-    lenient = subprocess.run(base + ["--max-failure-rate", "0.6"], env=env, capture_output=True, text=True,
-                             timeout=300)
-    assert lenient.returncode == 0, lenient.stderr[-2000:]
+    lenient = CliRunner().invoke(main, base + ["--max-failure-rate", "0.6"])
+    assert lenient.exit_code == 0, lenient.output[-2000:]
     assert json.loads(lenient.stdout)["skipped"] == 2
 
 

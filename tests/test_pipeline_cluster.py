@@ -5,9 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-import ray
-from ray.cluster_utils import Cluster
-
+from conftest import worker_node
 from pipeline.config import PreprocessConfig
 from pipeline.run import run_preprocess
 from pipeline.samples import SAMPLE_VIDEOS
@@ -16,7 +14,7 @@ from pipeline.store import TokenStore
 VIDEOS = 8
 
 
-def test_worker_node_removed_mid_run(tmp_path):
+def test_worker_node_removed_mid_run(local_ray, tmp_path):
     videos = tmp_path / "videos"
     videos.mkdir()
     for copy in range(VIDEOS):  # distinct bytes: one token set each
@@ -25,12 +23,9 @@ def test_worker_node_removed_mid_run(tmp_path):
     config = PreprocessConfig(input=str(videos), output=str(store_dir), model="tiny-random:llava-onevision",
                               frames=4, encode_workers=2, progress=False)
 
-    # The head alone can still run the whole pipeline (a decode actor and an encoder).
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    worker = cluster.add_node(num_cpus=3)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    try:
+    # The session's cluster: its head (2 CPUs) alone can still run the whole pipeline (a
+    # decode actor and an encoder), and a worker node of 3 CPUs, removed mid-run.
+    with worker_node(local_ray, num_cpus=3) as worker:
         outcome = {}
         job = threading.Thread(target=lambda: outcome.update(summary=run_preprocess(config)))
         job.start()
@@ -38,12 +33,9 @@ def test_worker_node_removed_mid_run(tmp_path):
         while time.monotonic() < deadline and not (store_dir / "index").exists():
             time.sleep(0.1)
         assert job.is_alive(), "the job ended before the node could be removed"
-        cluster.remove_node(worker)
+        local_ray.remove_node(worker)
         job.join(timeout=600)
         assert not job.is_alive()
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
     summary = outcome["summary"]
     assert summary.inputs == VIDEOS

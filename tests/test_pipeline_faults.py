@@ -33,13 +33,6 @@ FRAMES = 4
 CLI = [sys.executable, "-m", "pipeline.cli", "preprocess"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def own_ray_dir():
     """A Ray temp dir for one CLI subprocess; its processes are stopped afterwards."""

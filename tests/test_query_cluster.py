@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
 import json
 import os
 import shutil
@@ -18,12 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from click.testing import CliRunner
 from ray._common.utils import get_ray_address_file
-from ray.cluster_utils import Cluster
 
+from conftest import worker_node
 from pipeline.cli import main
 from pipeline.models import load_adapter, resolve_model
 from pipeline.query_job import QueryKey
@@ -38,7 +36,8 @@ DECODING = dict(max_new_tokens=6, do_sample=False, temperature=1.0, seed=None)
 
 @pytest.fixture(scope="module")
 def model_cache(tmp_path_factory):
-    """The tiny model, built before any Ray worker starts (workers inherit STTM_CACHE)."""
+    """The tiny model, built into a cache of this module's own (Ray workers build it into
+    theirs: the build is reproducible, so its encoder fingerprint is the same)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STTM_CACHE", str(tmp_path_factory.mktemp("sttm-cache")))
         resolve_model(MODEL)
@@ -130,38 +129,6 @@ def local_run(store, questions_path, tmp_path_factory):
     return summary, out_path
 
 
-@contextlib.contextmanager
-def two_node_cluster():
-    """A head and a worker node of 2 CPUs each; shut down after. ``Cluster`` writes its
-    address to Ray's ``ray_current_cluster`` file, which a plain ``ray.init()`` elsewhere on
-    this machine would join (and, once it is shut down, hang on): the file is put back as
-    it was, right away and at the end. The test connects by address."""
-    address_file = Path(get_ray_address_file(None))
-    before = address_file.read_text() if address_file.exists() else None
-
-    def put_back():
-        if before is None:
-            address_file.unlink(missing_ok=True)
-        else:
-            address_file.write_text(before)
-
-    # No dashboard: a process less to start, and no port shared with other Ray instances here.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    put_back()
-    try:
-        worker = cluster.add_node(num_cpus=2)
-        cluster.wait_for_nodes()
-        yield cluster, worker
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        put_back()
-        # Collect the job's garbage now, while nothing else runs: Ray handles finalized by
-        # a later, random collection (observed: inside pytest's own ast.parse at the end of
-        # the session) break CPython 3.11's AST recursion bookkeeping.
-        gc.collect()
-
-
 def test_local_run_answers_good_questions_and_reports_each_bad_input(local_run, store):
     summary, out_path = local_run
     assert answers_by_id(out_path).keys() == ANSWERED_IDS
@@ -234,7 +201,7 @@ def read_eval_rows(out_path):
 
 
 def test_on_a_two_node_cluster_losing_a_node_mid_run_loses_and_doubles_nothing(local_run, store, questions_path,
-                                                                             tmp_path):
+                                                                             local_ray, tmp_path):
     local_summary, reference = local_run
     out_path = tmp_path / "answers.jsonl"
     args = query_args(store, questions_path, out_path, "--workers", "2")
@@ -242,9 +209,10 @@ def test_on_a_two_node_cluster_losing_a_node_mid_run_loses_and_doubles_nothing(l
     def answered():
         return out_path.exists() and '"answer"' in out_path.read_text()
 
-    with two_node_cluster() as (cluster, worker):
-        # Connected here, so the command (in a thread) uses this connection and keeps it.
-        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    # The session's cluster (a head of 2 CPUs; this process is connected to it, so the
+    # command, in a thread, uses this connection and keeps it) and a worker node of 2 CPUs.
+    cluster = local_ray
+    with worker_node(cluster, num_cpus=2) as worker:
         args += ["--address", cluster.address]
         outcome = {}
 

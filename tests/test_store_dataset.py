@@ -84,14 +84,8 @@ def test_pyarrow_snippet(quick_start_store):
     assert torch.equal(features.view(bits), expected.view(bits))
 
 
-def test_ray_data_snippet(quick_start_store):
-    import ray
-
-    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
-        namespace, printed = run_snippet(readme_snippets()["ray"])
-    finally:
-        ray.shutdown()
+def test_ray_data_snippet(quick_start_store, local_ray):
+    namespace, printed = run_snippet(readme_snippets()["ray"])
     # Three distinct (content, config) pairs; four (id, config) rows: nothing else mixed in.
     assert (namespace["token_sets"], namespace["video_ids"]) == (3, 4)
     assert "4 video ids, 3 token sets" in printed
