@@ -40,7 +40,11 @@ import sttm
 from jobs.bench_sttm import synthetic_video
 from pipeline.fingerprint import config_fingerprint
 from pipeline.models import load_adapter
-from pipeline.query import DECODING_STEPS, MULTIMODAL_ROPE_POSITIONS, Decoding, QueryEngine
+from pipeline.query import (DECODING_STEPS, GROUPED_QUERY_ATTENTION, GROUPED_QUERY_SDPA, Decoding,
+                            QueryEngine)
+
+# --attentions: the language model's attention under block masks
+ATTENTIONS = {"split_kv": GROUPED_QUERY_ATTENTION, "sdpa": GROUPED_QUERY_SDPA}
 from pipeline.store import StoredTokenSet, TokenStore
 
 QUESTIONS = [
@@ -64,9 +68,10 @@ def synthetic_token_set(engine: QueryEngine, fingerprint: str, frames: int, side
     x = synthetic_video(frames, side, engine.hidden_size, torch.device("cpu")).to(engine.dtype)
     tokens = sttm.merge(x, tau_s=2.0) if retention >= 1.0 else sttm.merge_to_budget(x, retention)
     model_extra = {}
-    if engine.model_type in MULTIMODAL_ROPE_POSITIONS:
-        merge = engine.model.config.vision_config.spatial_merge_size
-        model_extra = {"video_grid_thw": [frames, side * merge, side * merge], "second_per_grid_t": 1.0}
+    merge = getattr(engine.model.config.vision_config, "spatial_merge_size", None)
+    if merge:  # the Qwen families: the unmerged grid of patches
+        model_extra = {"video_grid_thw": [frames, side * merge, side * merge], "second_per_grid_t": 1.0,
+                       "frame_seconds": [float(t) for t in range(frames)]}
     sampling = {"synthetic": True, "frames": frames, "side": side}
     return StoredTokenSet(
         video_id=f"synthetic-{frames}x{side}x{side}-r{retention}",
@@ -90,6 +95,14 @@ def synthetic_token_set(engine: QueryEngine, fingerprint: str, frames: int, side
         pipeline_version="bench",
         run_id="bench-query",
     )
+
+
+def use_attention(engine: QueryEngine, name: str) -> None:
+    """Run the engine's language model with the registered attention ``name`` from now
+    on (decoding graphs captured with another are dropped)."""
+    engine.model.config.get_text_config()._attn_implementation = name
+    if engine._static_decoder is not None:
+        engine._static_decoder.steps.clear()
 
 
 def median_of(measure, repeats: int) -> float:
@@ -193,6 +206,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--decoding-steps", default="auto", choices=DECODING_STEPS, help="QueryEngine's decoding_steps")
+    parser.add_argument("--attentions", nargs="+", default=["split_kv"], choices=list(ATTENTIONS),
+                        help="attention under block masks, each measured in turn: split_kv (CUDA kernel, "
+                             "pipeline.split_kv_attention) or sdpa (matrix products / masked SDPA)")
+    parser.add_argument("--attention-frames", type=int, nargs="+", default=None,
+                        help="frame counts measured with every --attentions (default: all; the others with the first)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if max(args.counts) > len(QUESTIONS):
@@ -205,29 +223,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-query-") as store_dir:
         store = TokenStore(store_dir)
-        for side in args.grids:
-            for frames in args.frames:
-                full = None
-                for retention in [1.0, *args.retentions]:
-                    stored = synthetic_token_set(engine, fingerprint, frames, side, retention)
-                    measured = bench_one(engine, store, stored, args)
-                    timings = measured["timings"]
-                    full = full or timings
-                    row = dict(
-                        frames=frames, grid=f"{side}x{side}", target_retention=retention,
-                        retention=round(stored.tokens.retention, 4), visual_tokens=stored.num_tokens,
-                        prefix_tokens=measured["prefix_tokens"],
-                        **{key.removesuffix("_s") + "_ms": round(value * 1e3, 3) for key, value in timings.items()},
-                        **{f"video_{n}q_speedup": round(full[f"video_{n}q_s"] / timings[f"video_{n}q_s"], 2) for n in args.counts},
-                        questions_per_s=round(most / timings[f"video_{most}q_s"], 2),
-                        further_ttft_vs_full_prefill=round(timings["further_ttft_s"] / full["prefill_s"], 4),
-                    )  # fmt: skip
-                    if f"one_by_one_{most}q_s" in timings:
-                        row["together_vs_one_by_one"] = round(timings[f"one_by_one_{most}q_s"] / timings[f"video_{most}q_s"], 2)
-                    if "check" in measured:
-                        row["check"] = measured["check"]
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+        for side, frames, attention in [(side, frames, attention) for side in args.grids for frames in args.frames
+                                        for attention in args.attentions
+                                        if attention == args.attentions[0] or frames in (args.attention_frames or [frames])]:
+            use_attention(engine, ATTENTIONS[attention])
+            full = None
+            for retention in [1.0, *args.retentions]:
+                stored = synthetic_token_set(engine, fingerprint, frames, side, retention)
+                measured = bench_one(engine, store, stored, args)
+                timings = measured["timings"]
+                full = full or timings
+                row = dict(
+                    frames=frames, grid=f"{side}x{side}", attention=attention, target_retention=retention,
+                    retention=round(stored.tokens.retention, 4), visual_tokens=stored.num_tokens,
+                    prefix_tokens=measured["prefix_tokens"],
+                    **{key.removesuffix("_s") + "_ms": round(value * 1e3, 3) for key, value in timings.items()},
+                    **{f"video_{n}q_speedup": round(full[f"video_{n}q_s"] / timings[f"video_{n}q_s"], 2) for n in args.counts},
+                    questions_per_s=round(most / timings[f"video_{most}q_s"], 2),
+                    further_ttft_vs_full_prefill=round(timings["further_ttft_s"] / full["prefill_s"], 4),
+                )  # fmt: skip
+                if f"one_by_one_{most}q_s" in timings:
+                    row["together_vs_one_by_one"] = round(timings[f"one_by_one_{most}q_s"] / timings[f"video_{most}q_s"], 2)
+                if "check" in measured:
+                    row["check"] = measured["check"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
 
     device = engine.device
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

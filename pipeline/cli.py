@@ -376,7 +376,7 @@ def query(store_url, model_spec, device, dtype, config_fingerprint, address, wor
 @click.option("--benchmark", "benchmark_path", required=True, type=click.Path(exists=True, dir_okay=False),
               help="JSON list of multiple-choice records in Video-MME's layout.")
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, writable=True),
-              help="Per-question results JSONL to write.")
+              help="Per-question results JSONL to append to; questions it already answers are not asked again.")
 @click.option("--video-key", default="videoID", show_default=True,
               help="Record field holding the store's video id (Video-MME videos are named <videoID>.mp4).")
 @click.option("--category", "categories", multiple=True, help="Record fields to break accuracy down by "
@@ -387,10 +387,13 @@ def eval_(store_url, model_spec, device, dtype, config_fingerprint, address, wor
           categories, max_new_tokens, as_json) -> None:
     """Score a multiple-choice video QA benchmark over the token sets in STORE.
 
-    Exits with status 1 when some question's video could not be used (the others are
-    still scored; accuracy is over answered questions).
+    Resumable: answers already in --out for the same store, model and decoding options
+    are kept, not asked again, and scored with the new ones. Exits with status 1 when
+    some question's video could not be used (the others are still scored; accuracy is
+    over answered questions).
     """
-    from pipeline.evaluate import CATEGORY_KEYS, BenchmarkError, benchmark_questions, load_benchmark, score
+    from pipeline.evaluate import CATEGORY_KEYS, BenchmarkError, load_benchmark, run_eval
+    from pipeline.query_job import QueryKey
 
     _check_query_inputs(store_url, out_path, model_spec)
     try:
@@ -398,22 +401,22 @@ def eval_(store_url, model_spec, device, dtype, config_fingerprint, address, wor
     except BenchmarkError as error:
         raise click.BadParameter(str(error), param_hint="--benchmark") from None
     config_fingerprint = _store_config(store_url, config_fingerprint, {item.video_id for item in benchmark})
+    decoding = dict(max_new_tokens=max_new_tokens, do_sample=False, temperature=1.0, seed=None)
+    key = QueryKey.of(store=store_url, config_fingerprint=config_fingerprint, model=model_spec, dtype=dtype, **decoding)
     answer, session = _answering(store_url, model_spec, device, dtype, config_fingerprint, address, workers,
                                  max_new_tokens=max_new_tokens)
     with session:
-        report = score(benchmark, answer(benchmark_questions(benchmark)))
-    with open(out_path, "w", encoding="utf-8") as out:
-        for row in report.results:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+        report, already_answered = run_eval(benchmark, out_path, key, answer)
     problems = [{"id": str(row["question_id"]), "video_id": row["video_id"], "error": row["error"]}
                 for row in report.results if "error" in row]
-    summary = report.summary() | {"problems": problems}
+    summary = report.summary() | {"num_already_answered": already_answered, "problems": problems}
     if as_json:
         click.echo(json.dumps(summary))
     else:
         accuracy = "n/a" if report.accuracy is None else f"{100 * report.accuracy:.1f}%"
         click.echo(f"accuracy {accuracy} over {report.num_answered} of {report.num_questions} questions "
-                   f"({report.num_unparsed} answers named no option) -> {out_path}")
+                   f"({report.num_unparsed} answers named no option; {already_answered} answered before) "
+                   f"-> {out_path}")
         for key, values in report.by_category.items():
             for value, tally in values.items():
                 click.echo(f"  {key} = {value}: {100 * tally['accuracy']:.1f}% ({tally['correct']}/{tally['total']})")

@@ -13,6 +13,12 @@ by video and answered from one shared prefix per video (``pipeline.query``), gre
 Video-MME's frames-only prompt; the chosen letter is extracted from the free-text answer
 (``extract_letter``) and scored against ``answer``: accuracy overall and per value of
 each category field.
+
+``run_eval`` is ``sttm eval``'s resumable run: one row per question is appended to the
+output file as its answer comes in, keyed by the question's ``question_id`` and what the
+answer depends on besides (``pipeline.query_job.QueryKey``: store, config, model, dtype,
+decoding), so re-running the same command answers only the questions whose rows are
+missing, and scores all answers, old and new.
 """
 from __future__ import annotations
 
@@ -25,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.fingerprint import canonical_json
 from pipeline.query import QueryEngine, Question, QuestionResult, answer_questions, prefix_reuse_timings
+from pipeline.query_job import Answerer, QueryKey, open_for_appending
 from pipeline.store import TokenStore
 
 # Video-MME's category fields; each is reported where the records have it.
@@ -77,7 +85,8 @@ def load_benchmark(
 ) -> list[MultipleChoiceQuestion]:
     """The records of a benchmark JSON file (a list of objects).
 
-    Raises BenchmarkError naming the first bad record (by index and question id).
+    Raises BenchmarkError naming the first bad record (by index and question id); question
+    ids (``question_id``, else the record's index) must be unique.
     """
     try:
         with open(path, encoding="utf-8") as file:
@@ -88,6 +97,7 @@ def load_benchmark(
         raise BenchmarkError(f"{path} should hold a non-empty JSON list of question records")
 
     questions = []
+    first_index: dict[str, int] = {}
     for index, record in enumerate(records):
         where = f"{path} record {index}" + (f" ({record.get('question_id')})" if isinstance(record, dict) else "")
         if not isinstance(record, dict):
@@ -101,9 +111,13 @@ def load_benchmark(
         answer = str(record["answer"]).strip().upper()
         if answer not in string.ascii_uppercase[: len(options)]:
             raise BenchmarkError(f"{where}: answer {record['answer']!r} is not one of the option letters")
+        question_id = str(record.get("question_id", index))
+        if question_id in first_index:  # answers are kept and resumed by question id
+            raise BenchmarkError(f"{where}: question_id {question_id!r} repeats record {first_index[question_id]}'s")
+        first_index[question_id] = index
         questions.append(
             MultipleChoiceQuestion(
-                question_id=str(record.get("question_id", index)),
+                question_id=question_id,
                 video_id=str(record[video_key]),
                 question=str(record["question"]),
                 options=tuple(options),
@@ -151,7 +165,8 @@ class EvalReport:
     """What ``evaluate`` found.
 
     Attributes:
-        results: one row per question, in answering order (grouped by video):
+        results: one row per question (``run_eval``: the rows answered before first),
+            in answering order (grouped by video):
             ``question_id``, ``video_id``, categories, ``response``, ``predicted`` (letter
             or ``None``), ``answer``, ``correct`` and the query timings; or ``error`` when
             its video could not be used.
@@ -207,22 +222,37 @@ def score(benchmark: list[MultipleChoiceQuestion], results: Iterable[QuestionRes
     """Score the ``results`` of ``benchmark_questions(benchmark)``, answered greedily
     wherever (in this process or on Ray), against the records' answers."""
     results = list(results)
-    rows = []
-    tallies: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for result in results:
-        item = benchmark[result.question.id]
-        row = {"question_id": item.question_id, "video_id": item.video_id, **item.categories, "answer": item.answer}
-        if result.answer is None:
-            rows.append(row | {"error": result.error})
-            continue
-        predicted = extract_letter(result.answer.text, item.options)
-        correct = predicted == item.answer
-        for key, value in item.categories.items():
-            tallies[key][value][0] += correct
-            tallies[key][value][1] += 1
-        rows.append(row | {"response": result.answer.text, "predicted": predicted, "correct": correct} | _timings(result))
+    rows = [result_row(benchmark[result.question.id], result) for result in results]
+    return score_rows(benchmark, rows, prefix_reuse_timings(results))
 
+
+def result_row(item: MultipleChoiceQuestion, result: QuestionResult) -> dict[str, Any]:
+    """The output row of one question: its record's fields and the scored response with
+    the query timings, or the ``error`` that kept it from being answered."""
+    if result.answer is None:
+        return _record_fields(item) | {"error": result.error}
+    return _scored(item, result.answer.text) | _timings(result)
+
+
+def _record_fields(item: MultipleChoiceQuestion) -> dict[str, Any]:
+    return {"question_id": item.question_id, "video_id": item.video_id, **item.categories, "answer": item.answer}
+
+
+def _scored(item: MultipleChoiceQuestion, response: str) -> dict[str, Any]:
+    predicted = extract_letter(response, item.options)
+    return _record_fields(item) | {"response": response, "predicted": predicted, "correct": predicted == item.answer}
+
+
+def score_rows(benchmark: list[MultipleChoiceQuestion], rows: list[dict[str, Any]],
+               timings: dict[str, float | int]) -> EvalReport:
+    """The report over ``rows`` (``result_row``s, at most one per question)."""
+    tallies: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    categories = {item.question_id: item.categories for item in benchmark}
     answered = [row for row in rows if "error" not in row]
+    for row in answered:
+        for key, value in categories[row["question_id"]].items():
+            tallies[key][value][0] += row["correct"]
+            tallies[key][value][1] += 1
     by_category = {
         key: {value: _accuracy(correct, total) for value, (correct, total) in sorted(values.items())}
         for key, values in tallies.items()
@@ -235,13 +265,77 @@ def score(benchmark: list[MultipleChoiceQuestion], results: Iterable[QuestionRes
         num_answered=len(answered),
         num_unparsed=sum(row["predicted"] is None for row in answered),
         num_failed=len(rows) - len(answered),
-        timings=prefix_reuse_timings(results),
+        timings=timings,
     )
+
+
+def run_eval(benchmark: list[MultipleChoiceQuestion], out_path: str | Path, key: QueryKey,
+             answer: Answerer) -> tuple[EvalReport, int]:
+    """Answer the ``benchmark`` questions that ``out_path`` holds no answer row for under
+    ``key`` (``answer`` is called once with those, not at all when none is left), append
+    each question's row (with ``key``) as its result comes in, and score all answers, the
+    file's and this run's. An error row is written unless the file already holds the same
+    one; a re-run tries those questions again. A last line cut short (a killed run) is
+    dropped and its question answered again.
+
+    Returns the report (``results``: the rows answered before first, in benchmark order,
+    then this run's in answering order; ``timings``: this run's answers) and the number of
+    questions answered before.
+    """
+    key_json = key.to_json()
+    earlier, written_errors = _read_eval_output(out_path, canonical_json(key_json))
+    rows = [_scored(item, earlier[item.question_id]["response"]) | _kept_timings(earlier[item.question_id])
+            for item in benchmark if item.question_id in earlier]
+    pending = [question for question, item in zip(benchmark_questions(benchmark), benchmark)
+               if item.question_id not in earlier]
+    results: list[QuestionResult] = []
+    with open_for_appending(out_path) as out:
+        for result in answer(pending) if pending else ():
+            row = result_row(benchmark[result.question.id], result)
+            rows.append(row)
+            line = json.dumps(row | {"key": key_json}, ensure_ascii=False)
+            if result.answer is not None:
+                results.append(result)
+            elif canonical_json(row | {"key": key_json}) in written_errors:
+                continue  # a re-run does not repeat the same report
+            out.write(line + "\n")
+            out.flush()
+    return score_rows(benchmark, rows, prefix_reuse_timings(results)), len(earlier)
+
+
+def _read_eval_output(out_path: str | Path, key: str) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The answer rows under ``key`` in an existing output file, by question id (the first
+    of each), and its error rows as canonical JSON. Lines that do not parse are skipped."""
+    answered: dict[str, dict[str, Any]] = {}
+    errors: set[str] = set()
+    path = Path(out_path)
+    if not path.exists():
+        return answered, errors
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            if "error" in row:
+                errors.add(canonical_json(row))
+            elif isinstance(row.get("response"), str) and canonical_json(row.get("key")) == key:
+                answered.setdefault(str(row.get("question_id")), row)
+    return answered, errors
+
+
+_TIMING_KEYS = ("num_visual_tokens", "load_s", "prefill_s", "ttft_s", "total_s", "prefix_reused")
+
+
+def _kept_timings(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row.get(key) for key in _TIMING_KEYS}
 
 
 def _timings(result: QuestionResult) -> dict[str, Any]:
     line = result.to_json()
-    return {key: line[key] for key in ("num_visual_tokens", "load_s", "prefill_s", "ttft_s", "total_s", "prefix_reused")}
+    return {key: line[key] for key in _TIMING_KEYS}
 
 
 def _accuracy(correct: int, total: int) -> dict[str, Any]:

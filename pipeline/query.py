@@ -46,6 +46,7 @@ back); prefill again for another thread.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import time
@@ -59,31 +60,39 @@ from transformers import AttentionInterface, AutoModelForImageTextToText, AutoTo
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from pipeline import split_kv_attention
 from pipeline.models import IncompatibleTokenSetError, load_adapter, prompt_layout, resolve_model
 from pipeline.store import StoredTokenSet, StoreError, TokenStore
 
-# The language model's attention: SDPA, with grouped-query heads packed under a mask.
-GROUPED_QUERY_ATTENTION = "sttm_grouped_query_sdpa"
+# The language model's attention: SDPA, with grouped-query heads packed under a mask,
+# split over the keys on CUDA; and the same without the split (to compare with).
+GROUPED_QUERY_ATTENTION = "sttm_grouped_query"
+GROUPED_QUERY_SDPA = "sttm_grouped_query_sdpa"
 DECODING_STEPS = ("auto", "dynamic", "static", "graphs")
 # Masked attention with at most this many scores (query rows x keys x key/value heads)
-# runs as two matrix products instead of SDPA.
+# runs as two matrix products instead of SDPA (where the split-KV kernel does not run).
 MATH_ATTENTION_MAX_SCORES = 2**26
 
 
-def _grouped_query_attention(module, query, key, value, attention_mask, **kwargs):
+def _grouped_query_attention(module, query, key, value, attention_mask, *, split_kv: bool = True, **kwargs):
     """transformers' SDPA attention, but under a mask (questions answered together) the
     query heads that share a key/value head are stacked along the query axis
-    (``[B, H_kv, G * n, D]``), so SDPA reads each key/value head once instead of
+    (``[B, H_kv, G * n, D]``), so attention reads each key/value head once instead of
     transformers' ``repeat_kv`` copies of the whole cache (masked SDPA with
     ``enable_gqa`` falls back to its math kernel on CUDA). The mask must be the same for
-    all heads (``[B, 1, n, S]``)."""
+    all heads (``[B, 1, n, S]``). On CUDA (``split_kv``), a boolean mask and batch 1 run
+    the split-KV kernel (``pipeline.split_kv_attention``): few query rows over a long
+    cache keep the whole GPU busy."""
     groups = getattr(module, "num_key_value_groups", 1)
     if attention_mask is None or groups == 1 or attention_mask.shape[1] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, heads, length, dim = query.shape
     packed_query = query.reshape(batch, heads // groups, groups * length, dim)
-    packed_mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(attention_mask.shape[0], 1, groups * length, -1)
     scale = kwargs.get("scaling") or dim**-0.5
+    if split_kv and batch == 1 and attention_mask.dtype == torch.bool and split_kv_attention.available(query):
+        output = split_kv_attention.split_kv_attention(packed_query[0], key[0], value[0], attention_mask[0, 0], scale=scale)[None]
+        return output.reshape(batch, heads, length, dim).transpose(1, 2).contiguous(), None
+    packed_mask = attention_mask[:, :, None].expand(-1, -1, groups, -1, -1).reshape(attention_mask.shape[0], 1, groups * length, -1)
     if packed_query.shape[1] * packed_query.shape[2] * key.shape[2] <= MATH_ATTENTION_MAX_SCORES:
         # Few query rows on a long cache: SDPA's kernels run one block of queries per
         # head over all keys (few busy SMs), where matrix products use the whole GPU.
@@ -96,7 +105,9 @@ def _grouped_query_attention(module, query, key, value, attention_mask, **kwargs
 
 
 AttentionInterface.register(GROUPED_QUERY_ATTENTION, _grouped_query_attention)
+AttentionInterface.register(GROUPED_QUERY_SDPA, functools.partial(_grouped_query_attention, split_kv=False))
 AttentionMaskInterface.register(GROUPED_QUERY_ATTENTION, sdpa_mask)
+AttentionMaskInterface.register(GROUPED_QUERY_SDPA, sdpa_mask)
 
 
 @dataclass(frozen=True)
@@ -740,6 +751,8 @@ class _StaticDecoder:
                 return output.logits[0]
 
             if self.use_graphs:
+                if not self.steps:  # a pool whose graphs were all dropped cannot be captured into again
+                    self.pool = torch.cuda.graph_pool_handle()
                 side = torch.cuda.Stream(device)
                 side.wait_stream(torch.cuda.current_stream(device))
                 with torch.cuda.stream(side):

@@ -122,7 +122,7 @@ def run_query(questions_path: str | Path, out_path: str | Path, key: QueryKey, a
 
     problems: list[dict[str, Any]] = []
     results: list[QuestionResult] = []
-    with _appending(out_path) as out:
+    with open_for_appending(out_path) as out:
 
         def write(record: dict[str, Any]) -> None:
             out.write(json.dumps(record | {"key": key_json}, ensure_ascii=False) + "\n")
@@ -189,7 +189,7 @@ def _read_output(out_path: str | Path, key: str) -> tuple[set[str], set[str]]:
 
 
 @contextmanager
-def _appending(out_path: str | Path):
+def open_for_appending(out_path: str | Path):
     """``out_path`` opened for appending. A last line without its newline (a run killed
     while writing it) is cut off first, so the file stays one JSON object per line."""
     path = Path(out_path)

@@ -1,6 +1,7 @@
 """``sttm eval``: benchmark records, letter extraction, scoring, and a run over a store."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,9 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.evaluate import BenchmarkError, evaluate, extract_letter, load_benchmark
+from pipeline.evaluate import BenchmarkError, evaluate, extract_letter, load_benchmark, run_eval
+from pipeline.query import answer_questions
+from pipeline.query_job import QueryKey
 from pipeline.models import load_adapter, resolve_model
 from pipeline.query import Answer
 from pipeline.store import NotFoundError, TokenStore
@@ -56,6 +59,8 @@ def test_videomme_records_load_with_their_categories_and_prompt():
         ([{"videoID": "v", "question": "q", "options": list(OPTIONS), "answer": "E", "question_id": "x-1"}],
          r"record 0 \(x-1\): answer 'E' is not one of the option letters"),
         ([{"videoID": "v", "question": "q", "options": "A. yes", "answer": "A"}], "options should be a list"),
+        ([{"videoID": "v", "question": "q", "options": list(OPTIONS), "answer": "A", "question_id": "x-1"}] * 2,
+         r"record 1 \(x-1\): question_id 'x-1' repeats record 0's"),
     ],
 )  # fmt: skip
 def test_bad_benchmark_files_are_refused_naming_the_record(tmp_path, records, message):
@@ -167,6 +172,84 @@ def test_accuracy_overall_and_per_category_with_one_prefill_per_video():
     assert report.timings == {"num_videos": 2, "prefill_s": 4.0, "answer_s": 3.0, "saved_s": 8.0}
 
 
+# ------------------------------------------------------------------- resuming
+
+
+KEY = QueryKey.of(store="/stores/a", config_fingerprint=None, model="m", dtype="float32", max_new_tokens=16,
+                  do_sample=False, temperature=1.0, seed=None)
+
+
+class KilledAfter(Exception):
+    pass
+
+
+def scripted_answerer(benchmark, asked, kill_after=None):
+    """``run_eval``'s answerer: the scripted engine over a store of videos 001 and 002,
+    recording the questions it is asked; with ``kill_after`` it dies after yielding that
+    many results, as a killed run would."""
+    engine = ScriptedEngine({item.prompt(): item.answer if index % 3 else "B" for index, item in enumerate(benchmark)})
+    store = VideosStore({benchmark[0].video_id, benchmark[3].video_id})
+
+    def answer(questions):
+        asked.extend(question.id for question in questions)
+        for count, result in enumerate(answer_questions(engine, store, questions), start=1):
+            yield result
+            if count == kill_after:
+                raise KilledAfter()
+
+    return answer
+
+
+def answer_rows(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    answered = [row["question_id"] for row in rows if "response" in row]
+    assert len(answered) == len(set(answered)), "a question was answered twice"
+    return rows
+
+
+def test_a_rerun_after_a_killed_run_answers_only_the_missing_and_scores_all(tmp_path):
+    benchmark = load_benchmark(VIDEOMME_SAMPLE)[:9]  # videos 001, 002 stored; 003 missing
+    reference, _ = run_eval(benchmark, tmp_path / "reference.jsonl", KEY, scripted_answerer(benchmark, []))
+    out = tmp_path / "results.jsonl"
+
+    # Killed after 4 answers: they were written as they came, the rest not at all.
+    with pytest.raises(KilledAfter):
+        run_eval(benchmark, out, KEY, scripted_answerer(benchmark, [], kill_after=4))
+    assert [row["question_id"] for row in answer_rows(out)] == ["001-1", "001-2", "001-3", "002-1"]
+    assert all(row["key"] == KEY.to_json() for row in answer_rows(out))
+    with open(out, "a") as file:  # and the 5th cut short while being written
+        file.write('{"question_id": "002-2", "video_id": "002", "resp')
+
+    asked = []
+    report, already = run_eval(benchmark, out, KEY, scripted_answerer(benchmark, asked))
+
+    assert already == 4 and asked == list(range(4, 9))  # 002-2 on; the cut line is answered again
+    rows = answer_rows(out)  # every line whole JSON, nothing twice
+    assert [row["question_id"] for row in rows] == [item.question_id for item in benchmark]
+    keys = ("accuracy", "by_category", "num_questions", "num_answered", "num_unparsed", "num_failed")
+    assert {key: getattr(report, key) for key in keys} == {key: getattr(reference, key) for key in keys}
+    correct = sum(item.answer == ("B" if index % 3 == 0 else item.answer) for index, item in enumerate(benchmark[:6]))
+    assert (report.num_answered, report.num_failed) == (6, 3) and report.accuracy == pytest.approx(correct / 6, abs=1e-6)
+    def scored(rows):  # timings differ between runs (which answer rode in which prefill)
+        return {row["question_id"]: {key: row.get(key) for key in ("response", "predicted", "correct", "error")}
+                for row in rows}
+
+    assert scored(report.results) == scored(reference.results)
+    assert all(row["total_s"] > 0 for row in report.results if "error" not in row)  # old rows keep their timings
+
+    # Again: only the failed questions are tried again (their video may have been stored
+    # since); nothing is written (the same errors are not repeated); the same scores.
+    written = out.read_bytes()
+    asked = []
+    again, already = run_eval(benchmark, out, KEY, scripted_answerer(benchmark, asked))
+    assert (asked, already, out.read_bytes()) == ([6, 7, 8], 6, written)
+    assert again.accuracy == reference.accuracy and again.num_failed == 3
+    # Other decoding options are another key: all asked again, into the same file.
+    asked = []
+    run_eval(benchmark, out, dataclasses.replace(KEY, max_new_tokens=4), scripted_answerer(benchmark, asked))
+    assert asked == list(range(9))
+
+
 # ------------------------------------------------------------------- command line
 
 
@@ -204,7 +287,20 @@ def test_eval_command_scores_the_stored_videos_and_reports_the_missing(videomme_
     assert [row["question_id"] for row in answered] == ["001-1", "001-2", "001-3", "002-1", "002-2", "002-3"]
     assert all(row["predicted"] in (None, "A", "B", "C", "D") and "response" in row for row in answered)
 
+    # Killed after two answers, the third cut short: the re-run answers the other four only.
+    first = out.read_text().splitlines()
+    out.write_text("\n".join(first[:2]) + "\n" + first[2][: len(first[2]) // 2])
+    rerun = json.loads(CliRunner().invoke(main, [*args, "--json"]).stdout)
+    assert (rerun["num_already_answered"], rerun["num_answered"], rerun["timings"]["num_videos"]) == (2, 6, 2)
+    assert {key: rerun[key] for key in ("accuracy", "by_category", "num_failed")} == {
+        key: summary[key] for key in ("accuracy", "by_category", "num_failed")}
+    again = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(row["question_id"] for row in again if "error" not in row) == sorted(
+        row["question_id"] for row in answered)  # each once
+    assert {row["question_id"]: row["response"] for row in again if "error" not in row} == {
+        row["question_id"]: row["response"] for row in answered}
+
     result = CliRunner().invoke(main, args + ["--category", "duration"])
-    assert "over 6 of 30 questions" in result.stdout
+    assert "over 6 of 30 questions" in result.stdout and "6 answered before" in result.stdout
     assert "duration = short:" in result.stdout and "task_type" not in result.stdout
     assert "problem: question 003-1 (" in result.stderr

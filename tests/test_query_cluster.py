@@ -253,6 +253,10 @@ def test_eval_on_an_embedded_local_ray_matches_the_local_run(store, tmp_path):
     with one_thread():
         local_summary, local_rows = eval_rows(store, benchmark, tmp_path / "local.jsonl")
     out_path = tmp_path / "ray.jsonl"
+    # As a killed earlier run left it: two answers written, the third cut short. The run
+    # on Ray answers the rest only, and scores all.
+    local_lines = (tmp_path / "local.jsonl").read_text().splitlines()
+    out_path.write_text("\n".join(local_lines[:2]) + "\n" + local_lines[2][:40])
     # The real command in its own process (its stdout is the real one), with a Ray temp
     # dir of its own that names a dead cluster as the machine's last: a plain ray.init()
     # would try to join it; the command must start its own.
@@ -271,6 +275,9 @@ def test_eval_on_an_embedded_local_ray_matches_the_local_run(store, tmp_path):
     assert result.returncode == 1, result.stderr[-3000:]  # the unknown video
     summary = json.loads(result.stdout)  # exactly one JSON document on stdout
     assert read_eval_rows(out_path) == local_rows
+    answered = [row["question_id"] for row in output_lines(out_path) if "response" in row]
+    assert sorted(answered) == sorted(id_ for id_, row in local_rows.items() if row["response"])  # each once
+    assert summary["num_already_answered"] == 2
     assert "no token set" in local_rows["999-1"]["error"]
     keys = ("accuracy", "num_questions", "num_answered", "num_failed", "by_category")
     assert {key: summary[key] for key in keys} == {key: local_summary[key] for key in keys}
