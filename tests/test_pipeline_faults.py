@@ -63,7 +63,9 @@ def test_cli_starts_its_own_ray_beside_a_stale_cluster_file_and_prints_one_json_
     suite's Cluster leaves) must not be joined; a worker killed mid-run must not put Ray's
     lines on stdout; ids like 007 and 7 stay distinct strings; a repeated id keeps every
     record."""
-    (own_ray_dir / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
+    # Where a plain ray.init() looks for the last cluster: $RAY_TMPDIR/ray/ray_current_cluster.
+    (own_ray_dir / "ray").mkdir()
+    (own_ray_dir / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")  # nothing listens there
     videos = tmp_path / "videos"
     distinct_videos(videos, 4)
     manifest = tmp_path / "videos.csv"
