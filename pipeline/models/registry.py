@@ -13,11 +13,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pipeline.models import llava_onevision, qwen2_vl, qwen3_vl
+from pipeline.models import llava_onevision, qwen2_vl, qwen3_5, qwen3_vl
 from pipeline.models.base import PromptLayout, UnsupportedModelError, VideoAdapter
 from pipeline.models.tiny_random import TINY_RANDOM_PREFIX, build_once
 
-FAMILY_MODULES: tuple[ModuleType, ...] = (llava_onevision, qwen2_vl, qwen3_vl)
+FAMILY_MODULES: tuple[ModuleType, ...] = (llava_onevision, qwen2_vl, qwen3_vl, qwen3_5)
 
 FAMILIES: dict[str, ModuleType] = {model_type: family for family in FAMILY_MODULES for model_type in family.MODEL_TYPES}
 TINY_RANDOM_BUILDERS = {name: builder for family in FAMILY_MODULES for name, builder in family.TINY_RANDOM.items()}
