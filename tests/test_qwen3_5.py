@@ -174,3 +174,41 @@ def test_questions_run_as_rows_from_the_prefix_state_and_ended_rows_drop_out(qwe
 def test_static_decoding_steps_are_refused_for_a_recurrent_state(qwen3_5):
     with pytest.raises(ValueError, match="recurrent state"):
         QueryEngine("tiny-random:qwen3.5", dtype=torch.float32, decoding_steps="static")
+
+
+def test_preprocess_on_the_models_own_sampling_stores_queries_and_draws_both_samples(tmp_path):
+    """The preprocess job (real local Ray, decode and encode actors) on the bundled videos
+    with the tiny Qwen3.5 and its own sampling recipe (2 fps, one size per clip): every
+    video stored without DeepStack, one timestamp per temporal patch, queryable, and drawn
+    by the visualiser (one panel per temporal patch)."""
+    import ray
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.decode import decode_video
+    from pipeline.run import run_preprocess
+    from pipeline.samples import SAMPLE_DIR
+    from pipeline.visualize import visualize_stored_video
+
+    store_dir = tmp_path / "store"
+    config = PreprocessConfig(input=str(SAMPLE_DIR), output=str(store_dir), model="tiny-random:qwen3.5", progress=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        summary = run_preprocess(config)
+    finally:
+        ray.shutdown()
+    assert (summary.stored, summary.failed) == (2, 0), summary.failures
+
+    store = TokenStore(str(store_dir))
+    engine = QueryEngine("tiny-random:qwen3.5")
+    adapter = load_adapter("tiny-random:qwen3.5")
+    for video_id in ("bigbuckbunny", "bikes"):
+        stored = store.read(video_id)
+        video = decode_video(str(SAMPLE_DIR / f"{video_id}.mp4"), adapter.default_sampling())
+        assert stored.frame_indices == video.frame_indices
+        t = stored.tokens.grid[0]
+        assert t == -(-len(video.frame_indices) // 2) and len(stored.model_extra["frame_seconds"]) == t
+        assert stored.deepstack is None and stored.num_tokens <= 0.5 * stored.original_tokens
+        engine.check(stored)
+        assert engine.answer(engine.prefill(stored), QUESTIONS[0], max_new_tokens=2).num_question_tokens > 0
+        drawn = visualize_stored_video(str(store_dir), video_id)
+        assert [panel.token_frame for panel in drawn.panels] == list(range(t))
