@@ -151,8 +151,14 @@ def _checkpoint_identity(path: str) -> str | None:
 
 
 def sampling_policy_from_dict(sampling: Mapping[str, Any]):
-    """The ``SamplingPolicy`` that ``sampling_dict`` described."""
+    """The ``SamplingPolicy`` that ``sampling_dict`` described: a policy class of
+    ``pipeline.decode`` or of a model family's module (e.g. ``Qwen3VLSampling``)."""
     from pipeline import decode
+    from pipeline.models.registry import FAMILY_MODULES
 
     fields = dict(sampling)
-    return getattr(decode, fields.pop("policy"))(**fields)
+    name = fields.pop("policy")
+    for module in (decode, *FAMILY_MODULES):
+        if isinstance(policy_class := getattr(module, name, None), type):
+            return policy_class(**fields)
+    raise ValueError(f"unknown sampling policy {name!r}")

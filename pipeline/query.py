@@ -46,6 +46,7 @@ back); prefill again for another thread.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import json
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForImageTextToText, AutoTokenizer, DynamicCache, ProcessorMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -246,7 +248,12 @@ class QueryEngine:
         # Questions answered together run under block masks (see `_grouped_query_attention`).
         self.model.config.get_text_config()._attn_implementation = GROUPED_QUERY_ATTENTION
         if decoding_steps == "auto":
-            decoding_steps = "graphs" if self.device.type == "cuda" else "dynamic"
+            decoding_steps = "graphs" if self.device.type == "cuda" and not self.family.recurrent_state else "dynamic"
+        if decoding_steps != "dynamic" and self.family.recurrent_state:
+            raise ValueError(
+                f"{model_spec}: its LLM keeps a recurrent state, which the fixed-capacity caches do not hold; "
+                f"decoding_steps {decoding_steps!r} is not available for it (use 'auto' or 'dynamic')"
+            )
         if decoding_steps == "graphs" and self.device.type != "cuda":
             raise ValueError(f"decoding_steps 'graphs' needs a CUDA device, got {self.device}")
         self._static_decoder = None if decoding_steps == "dynamic" else _StaticDecoder(self, use_graphs=decoding_steps == "graphs")
@@ -301,9 +308,12 @@ class QueryEngine:
         question_ids = [self._question_ids(question) for question in questions]
         self.check(stored)
         start = self._now()
-        prefix, logits = self._prefill(stored, question_ids[0], start)
+        # A recurrent state cannot be taken back to the end of the prefix: its prefill runs
+        # the prefix alone, and the questions run on copies of its cache.
+        fused = not self.family.recurrent_state
+        prefix, logits = self._prefill(stored, question_ids[0] if fused else [], start)
         # No try/finally: when decoding fails, the prefix and its cache are never handed out.
-        answers = self._answer_together(prefix, question_ids, decodings, start, first_logits=logits)
+        answers = self._answer_together(prefix, question_ids, decodings, start, first_logits=logits if fused else None)
         self._crop_to_prefix(prefix)
         return prefix, answers
 
@@ -412,6 +422,8 @@ class QueryEngine:
         questions run together as in ``answer_all`` (leaves the prefix as it was)."""
         _per_question(Decoding(), questions)
         question_ids = [self._question_ids(question) for question in questions]
+        if self.family.recurrent_state:
+            return _QuestionRows(self, prefix, question_ids).first_logits.float()
         try:
             return self._prompt_logits(prefix, question_ids)[0].float()
         finally:
@@ -438,12 +450,18 @@ class QueryEngine:
         tokens follow the prefix in order. With static decoding (``QueryEngine``'s
         ``decoding_steps``) the steps run on a fixed-capacity copy of the cache instead
         (``_StaticDecoder``), on CUDA as graph replays; ``prefix.cache`` then keeps the
-        prompts only. ``ttft_s`` and ``total_s`` count from ``start``.
+        prompts only. Models whose cache holds a recurrent state answer the questions as
+        rows of a batch instead, each from its own copy of the prefix's cache
+        (``_QuestionRows``), which ``prefix.cache`` never sees. ``ttft_s`` and ``total_s``
+        count from ``start``.
         """
         count = len(question_ids)
         together = count > 1
         most_steps = max(decoding.max_new_tokens for decoding in decodings) - 1
-        if self._static_decoder is None:
+        if self.family.recurrent_state:
+            step = _QuestionRows(self, prefix, question_ids)
+            logits = step.first_logits
+        elif self._static_decoder is None:
             logits, owner = self._prompt_logits(prefix, question_ids, first_logits)
 
             def step(tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
@@ -584,13 +602,15 @@ class QueryEngine:
         tensor = torch.tensor(positions, device=self.device)[None]
         return tensor[None].expand(3, 1, -1) if self._multimodal_text_positions else tensor
 
-    @staticmethod
-    def _crop_to_prefix(prefix: VideoPrefix) -> None:
+    def _crop_to_prefix(self, prefix: VideoPrefix) -> None:
         """Drop what a question added to the prefix's cache, so the next question starts
         from the prefix alone. Layer by layer: a forward that failed part-way extended
         only the layers it reached. (A negative crop removes that many tokens in every
         transformers release we support; a positive one means "keep that many" in some
-        and is refused in others.)"""
+        and is refused in others.) A cache with a recurrent state is never extended:
+        questions run on copies of it."""
+        if self.family.recurrent_state:
+            return
         for layer in prefix.cache.layers:
             if (added := layer.get_seq_length() - prefix.length) > 0:
                 layer.crop(-added)
@@ -657,6 +677,100 @@ class QueryEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+class _QuestionRows:
+    """The questions of one ``answer_all`` as the rows of a batch, for models whose cache
+    holds a recurrent state (``PromptLayout.recurrent_state``: linear-attention or
+    state-space layers keep a convolution window and a recurrent state per sequence, not
+    keys and values).
+
+    Each question's prompt runs alone on its own copy of the prefix's cache
+    (``_copy_of_cache``: attention layers' keys and values shared, recurrent states
+    cloned), so every question starts from the state the prefix left. Prompts of
+    different lengths are not batched: padding tokens run through a recurrent layer
+    change its state (transformers zeroes their inputs, but the state still decays and
+    the convolution window still shifts). The copies are then stacked into one cache of
+    ``rows`` sequences (``_stack_rows``: attention layers' keys right-padded to the
+    longest prompt), and each decoding step runs one token per row under a 2-D padding
+    mask, at each row's own positions; the rows of questions that ended are dropped.
+
+    Called as a decoding step: ``(tokens [k], positions, questions) -> [k, vocab]``.
+    """
+
+    def __init__(self, engine: "QueryEngine", prefix: VideoPrefix, question_ids: list[list[int]]):
+        self.engine = engine
+        caches, logits = [], []
+        for ids in question_ids:
+            cache = _copy_of_cache(prefix.cache)
+            positions = engine._text_positions(prefix.text_position, len(ids))
+            logits.append(engine._forward(engine._embed(ids)[None], positions, cache))
+            caches.append(cache)
+        self.first_logits = torch.stack(logits)  # [rows, vocab]
+        lengths = torch.tensor([prefix.length + len(ids) for ids in question_ids], device=engine.device)
+        self.cache = _stack_rows(caches, int(lengths.max()))
+        # [rows, S]: the cache slots each row attends to (not the padding after its prompt)
+        self.attended = torch.arange(int(lengths.max()), device=engine.device)[None] < lengths[:, None]
+        self.questions = list(range(len(question_ids)))  # the question of each row
+
+    def __call__(self, tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
+        engine = self.engine
+        if questions != self.questions:  # drop the rows of questions that ended
+            rows = torch.tensor([self.questions.index(q) for q in questions], device=engine.device)
+            for layer in self.cache.layers:
+                layer.reorder_cache(rows)
+            self.attended, self.questions = self.attended[rows], list(questions)
+        self.attended = torch.cat([self.attended, self.attended.new_ones(len(questions), 1)], dim=1)
+        embeds = engine.model.get_input_embeddings()(tokens)[:, None]  # [k, 1, C]
+        output = engine.model(
+            inputs_embeds=embeds,
+            position_ids=engine._positions(positions).transpose(-1, -2),  # [k, 1] or [3, k, 1]
+            attention_mask=self.attended,
+            use_cache=True,
+            logits_to_keep=1,
+            **{engine._cache_argument: self.cache},
+        )
+        return output.logits[:, -1]
+
+
+def _copy_of_cache(cache: DynamicCache) -> DynamicCache:
+    """A cache that a forward can extend without changing ``cache``: attention layers'
+    keys and values are shared (a forward concatenates new ones, never writes into them),
+    linear-attention layers' convolution and recurrent states (updated in place) are
+    cloned."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    copied = copy.copy(cache)
+    copied.layers = []
+    for layer in cache.layers:
+        layer_copy = copy.copy(layer)
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for name, states in vars(layer).items():
+                if isinstance(states, dict):  # conv_states, recurrent_states and their flags, by state index
+                    setattr(layer_copy, name, {i: s.clone() if isinstance(s, torch.Tensor) else s for i, s in states.items()})
+        copied.layers.append(layer_copy)
+    return copied
+
+
+def _stack_rows(caches: list[DynamicCache], length: int) -> DynamicCache:
+    """One cache of ``len(caches)`` rows from batch-1 caches of one model: recurrent
+    states concatenated, attention layers' keys and values right-padded with zeros to
+    ``length`` slots (the caller masks the padding out). Reuses ``caches[0]``."""
+    from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+    stacked = caches[0]
+    for index, layer in enumerate(stacked.layers):
+        rows = [cache.layers[index] for cache in caches]
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            for kind in ("conv_states", "recurrent_states"):
+                for i, state in getattr(layer, kind).items():
+                    if state is not None:
+                        getattr(layer, kind)[i] = torch.cat([getattr(row, kind)[i] for row in rows])
+        if getattr(layer, "keys", None) is not None and layer.get_seq_length() > 0:
+            for kind in ("keys", "values"):
+                padded = [F.pad(getattr(row, kind), (0, 0, 0, length - getattr(row, kind).shape[2])) for row in rows]
+                setattr(layer, kind, torch.cat(padded))
+    return stacked
 
 
 class _SlotCache(DynamicCache):

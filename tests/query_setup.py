@@ -11,10 +11,14 @@ from pipeline.decode import DecodedVideo, QwenSampling, UniformSampling, decode_
 from pipeline.fingerprint import config_fingerprint
 from pipeline.models import TINY_RANDOM_NAMES, VideoAdapter
 from pipeline.models.base import merge_beside
+from pipeline.models.registry import FAMILY_MODULES
 from pipeline.samples import SAMPLE_DIR
 from pipeline.store import StoredTokenSet
 
 FAMILIES = list(TINY_RANDOM_NAMES)  # every family's tiny-random models, from the registry
+# The families whose questions ride packed in one sequence on the prefix's cache (the
+# others keep a recurrent state: each question runs on a copy of it, as a batch row).
+PACKED_FAMILIES = [name for family in FAMILY_MODULES for name in family.TINY_RANDOM if not family.LAYOUT.recurrent_state]
 VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4")
 
 # Few, small frames keep prompts short: LLaVA-OneVision 2 frames x 14 x 14 tokens; Qwen 4

@@ -304,3 +304,33 @@ def test_eval_command_scores_the_stored_videos_and_reports_the_missing(videomme_
     assert "over 6 of 30 questions" in result.stdout and "6 answered before" in result.stdout
     assert "duration = short:" in result.stdout and "task_type" not in result.stdout
     assert "problem: question 003-1 (" in result.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen3-vl", "qwen3.5"])
+def test_eval_on_the_qwen3_families_scores_what_each_question_gets_alone(tmp_path_factory, family):
+    """``pipeline.evaluate`` on tiny Qwen3-VL (DeepStack) and Qwen3.5 (recurrent state)
+    stores: each response is the one its prompt gets alone on a fresh prefill, and the
+    score counts the letters extracted from those responses."""
+    from pipeline.query import QueryEngine
+
+    benchmark = load_benchmark(VIDEOMME_SAMPLE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STTM_CACHE", str(tmp_path_factory.mktemp("sttm-cache")))
+        resolve_model(f"tiny-random:{family}")
+        adapter = load_adapter(f"tiny-random:{family}", dtype=torch.float32)
+        engine = QueryEngine(f"tiny-random:{family}", dtype=torch.float32)
+        store = TokenStore(str(tmp_path_factory.mktemp("store")))
+        video_ids = list(dict.fromkeys(q.video_id for q in benchmark))[:2]
+        for video_id, name in zip(video_ids, ("bigbuckbunny.mp4", "bikes.mp4")):
+            store.write(stored_token_set(adapter, decode_sample(family, name), video_id, retention=0.5))
+
+        report = evaluate(engine, store, benchmark[:6], max_new_tokens=3)
+
+    assert (report.num_questions, report.num_answered, report.num_failed) == (6, 6, 0)
+    for item, row in zip(benchmark[:6], report.results):
+        _, alone = engine.prefill_and_answer(store.read(item.video_id), item.prompt(), max_new_tokens=3)
+        assert row["response"] == alone.text
+        assert row["predicted"] == extract_letter(alone.text, item.options)
+        assert row["correct"] == (row["predicted"] == item.answer)
+    assert report.accuracy == pytest.approx(sum(row["correct"] for row in report.results) / 6, abs=1e-6)
+    assert report.timings["num_videos"] == 2

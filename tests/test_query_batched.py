@@ -1,14 +1,15 @@
 """All questions of a video answered together (STTM_SPEC section 7): the same answers as
 one question per fresh prefill, token for token, greedy and seeded sampling alike; tiny
-random models of the three families, float32, CPU."""
+random models of every family, float32, CPU. (Models with a recurrent state, Qwen3.5,
+answer as rows of a batch, each from a copy of the prefix's state.)"""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from pipeline.query import Decoding, QueryEngine, Question, answer_questions
-from query_setup import FAMILIES
-from test_query import adapters, engines, model_cache, recorded_forwards, store, videos  # noqa: F401 (fixtures)
+from query_setup import FAMILIES, PACKED_FAMILIES
+from test_query import adapters, cached_lengths, engines, model_cache, recorded_forwards, store, videos  # noqa: F401 (fixtures)
 
 # Prompts of very different lengths: a word, a sentence, a paragraph.
 QUESTIONS = [
@@ -45,15 +46,25 @@ def test_questions_answered_together_get_the_answers_of_a_fresh_prefill_each(eng
     with recorded_forwards(engine.model) as forwards:
         prefix, together = engine.prefill_and_answer_all(stored, QUESTIONS, Decoding(max_new_tokens=6))
     assert_same_answers(together, expected)
-    # The prefill (prefix and first question), the other prompts in one forward, then one
-    # forward per new token for the questions still going.
-    assert forwards[0].tokens == prefix.length + lengths[0]
-    assert forwards[1].tokens == sum(lengths[1:])
     steps = max(len(answer.token_ids) for answer in expected)
-    assert len(forwards) == 2 + steps - 1
-    assert all(f.tokens <= len(QUESTIONS) for f in forwards[2:])
+    if engine.family.recurrent_state:
+        # The prefix alone, each prompt alone on a copy of its state, then one forward per
+        # new token with one row per question still going.
+        assert [(f.tokens, f.cached, f.rows) for f in forwards[: 1 + len(QUESTIONS)]] == [(prefix.length, 0, 1)] + [
+            (length, prefix.length, 1) for length in lengths
+        ]
+        decoding_forwards = forwards[1 + len(QUESTIONS) :]
+        assert all(f.tokens == 1 and f.rows <= len(QUESTIONS) for f in decoding_forwards)
+    else:
+        # The prefill (prefix and first question), the other prompts in one forward, then one
+        # forward per new token for the questions still going.
+        assert forwards[0].tokens == prefix.length + lengths[0]
+        assert forwards[1].tokens == sum(lengths[1:])
+        decoding_forwards = forwards[2:]
+        assert all(f.tokens <= len(QUESTIONS) for f in decoding_forwards)
+    assert len(decoding_forwards) == steps - 1
     # The prefix is left as a prefill leaves it: answering it again, any order, changes nothing.
-    assert all(layer.get_seq_length() == prefix.length for layer in prefix.cache.layers)
+    assert cached_lengths(prefix) == [prefix.length] * len(cached_lengths(prefix))
     order = [2, 0, 3, 1]
     again = engine.answer_all(prefix, [QUESTIONS[q] for q in order], Decoding(max_new_tokens=6))
     assert_same_answers(again, [expected[q] for q in order])
@@ -82,8 +93,9 @@ def test_a_question_that_ends_at_once_drops_out_and_the_others_go_on(engines, st
         _, together = engine.prefill_and_answer_all(stored, QUESTIONS, decodings)
     assert_same_answers(together, expected)
     # Each step runs one token per question still going.
-    for step, forward in enumerate(forwards[2:], start=1):
-        assert forward.tokens == sum(len(answer.token_ids) > step for answer in expected)
+    prompt_forwards = 1 + len(QUESTIONS) if engine.family.recurrent_state else 2
+    for step, forward in enumerate(forwards[prompt_forwards:], start=1):
+        assert forward.tokens * forward.rows == sum(len(answer.token_ids) > step for answer in expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -140,11 +152,11 @@ def test_decoding_options_are_checked_before_the_model_runs(engines, store):
 @pytest.fixture(scope="module")
 def static_engines(model_cache):  # noqa: F811
     """Engines whose decoding steps run on fixed-capacity caches (the CUDA graphs' path,
-    eager here)."""
-    return {family: QueryEngine(f"tiny-random:{family}", dtype=torch.float32, decoding_steps="static") for family in FAMILIES}
+    eager here; not for a recurrent state, which those caches do not hold)."""
+    return {family: QueryEngine(f"tiny-random:{family}", dtype=torch.float32, decoding_steps="static") for family in PACKED_FAMILIES}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PACKED_FAMILIES)
 def test_static_decoding_steps_answer_as_a_fresh_prefill_each(engines, static_engines, store, family):
     stored = store.read(f"{family}/bikes")
     decodings = [

@@ -184,7 +184,15 @@ class PromptLayout(ABC):
 
     The query stage renders the chat template itself, with one video placeholder; the
     layout decides what replaces the placeholder.
+
+    ``recurrent_state``: whether the LLM has layers whose cache is a recurrent state
+    (linear attention, state-space layers) rather than keys and values. Such a cache
+    cannot be cropped back to the prefix, and questions cannot share one packed sequence,
+    so the query stage answers each question from its own copy of the prefix's cache, as
+    one row of a batch.
     """
+
+    recurrent_state: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, tokenizer):
         self.model = model

@@ -7,6 +7,7 @@ add it to ``FAMILY_MODULES``.
 
 from __future__ import annotations
 
+import importlib.util
 from types import ModuleType
 
 import torch
@@ -18,6 +19,11 @@ from pipeline.models.base import PromptLayout, UnsupportedModelError, VideoAdapt
 from pipeline.models.tiny_random import TINY_RANDOM_PREFIX, build_once
 
 FAMILY_MODULES: tuple[ModuleType, ...] = (llava_onevision, qwen2_vl, qwen3_vl)
+# Qwen3.5 came in a later transformers release than the others; older ones go without it.
+if importlib.util.find_spec("transformers.models.qwen3_5") is not None:
+    from pipeline.models import qwen3_5
+
+    FAMILY_MODULES += (qwen3_5,)
 
 FAMILIES: dict[str, ModuleType] = {model_type: family for family in FAMILY_MODULES for model_type in family.MODEL_TYPES}
 TINY_RANDOM_BUILDERS = {name: builder for family in FAMILY_MODULES for name, builder in family.TINY_RANDOM.items()}
