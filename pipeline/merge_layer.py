@@ -274,6 +274,15 @@ class LayerPrefix:
         )
 
 
+def layers_fingerprint(model_spec: str, merge_layer: int, dtype: str | None = None) -> str:
+    """``LayerPrefix.fingerprint`` of ``model_spec`` at ``merge_layer`` in ``dtype`` (a torch
+    dtype name; None: the checkpoint's), loaded once on the CPU: part of the config
+    fingerprint, computed before a job starts (its workers check they loaded the same)."""
+    from pipeline.models.registry import resolve_model
+
+    return LayerPrefix(model_spec, resolve_model(model_spec), merge_layer, dtype=getattr(torch, dtype) if dtype else None).fingerprint
+
+
 # --- query side ---------------------------------------------------------------------------
 
 
