@@ -170,7 +170,8 @@ def preprocess(input_uri, config_path, as_json, address, **settings):
                 raise click.BadParameter(f"{error}. Give a folder of videos, a glob or a manifest (.parquet, .jsonl "
                                          f"or .csv with a 'uri' column).", param_hint=names["input"]) from None
             except UnsupportedModelError as error:
-                raise click.BadParameter(f"{error}.", param_hint=names["model"]) from None
+                hint = names["merge_layer"] if "merge_layer" in str(error) else names["model"]
+                raise click.BadParameter(f"{error}.", param_hint=hint) from None
             except NotStartedError as error:  # run id, store or Ray unusable: checked before any work
                 click.echo(f"Error: {error}", err=True)
                 raise SystemExit(EXIT_NOT_STARTED) from None

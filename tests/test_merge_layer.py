@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 import sttm
 from pipeline.cli import main
+from pipeline.config import ConfigError, PreprocessConfig
 from pipeline.fingerprint import config_fingerprint
 from pipeline.merge_layer import LayerPrefix, llm_fingerprint, text_model_of
 from pipeline.models import UnsupportedModelError, load_adapter, resolve_model
@@ -312,3 +313,13 @@ def test_preprocess_at_merge_layer_2_then_query(model_cache, tmp_path):
     assert result.exit_code == 0, result.output
     (line,) = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert line["video_id"] == video_id and line["num_visual_tokens"] == stored.num_tokens
+
+
+def test_preprocess_refuses_a_merge_layer_the_model_cannot_take_naming_the_option(model_cache, tmp_path):
+    for model, expected in (("tiny-random:qwen3-vl", "DeepStack"), ("tiny-random:qwen2-vl", r"merge_layer must be in \[1, 2\]")):
+        result = CliRunner().invoke(main, ["preprocess", "--model", model, "--output", str(tmp_path / "store"),
+                                           "--frames", "4", "--merge-layer", "3" if "qwen2" in model else "2"])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "--merge-layer" in result.output and re.search(expected, result.output), result.output
+    with pytest.raises(ConfigError, match="merge_layer must be an integer >= 0"):
+        PreprocessConfig(merge_layer=-1)
