@@ -297,20 +297,32 @@ class LayerGroups:
             unmerged prefix; layers >= k: the merged prefix, then unused slots).
         text_offset: a question token's position in layers < k minus its position in
             layers >= k.
+        one_d_positions: the model has 1-D rotary positions, which layers >= k shift by
+            ``text_offset`` (multimodal rotary text keeps its unmerged positions).
     """
 
     merge_layer: int
     merged_length: int
     unmerged_length: int
     text_offset: int
+    one_d_positions: bool
+
+    def unused_slots(self, length: int, device: torch.device) -> torch.Tensor:
+        """``[length]`` bool: the cache slots layers >= k never attend to."""
+        slot = torch.arange(length, device=device)
+        return (slot >= self.merged_length) & (slot < self.unmerged_length)
 
     @contextlib.contextmanager
-    def installed(self, text_model: nn.Module):
+    def installed(self, text_model: nn.Module, unused: torch.Tensor | None = None, text_offset: torch.Tensor | None = None):
         """Within this context, the model's own forward runs layers >= k over the merged
         prefix: pre-hooks on those layers hide the unused prefix slots from the attention
-        mask and (1-D rotary) shift the rotary positions by ``text_offset``."""
+        mask and (1-D rotary) shift the rotary positions by ``text_offset``.
+
+        With ``unused`` (``[S]`` bool, S the mask's key length) and ``text_offset`` (a 0-d
+        tensor) the hooks read those tensors instead of this prefix's numbers: a CUDA graph
+        captured under the hooks replays their kernels on them, set for each video."""
         handles = [
-            layer.register_forward_pre_hook(self._hook(index, text_model.rotary_emb), with_kwargs=True)
+            layer.register_forward_pre_hook(self._hook(index, text_model.rotary_emb, unused, text_offset), with_kwargs=True)
             for index, layer in enumerate(text_model.layers) if index >= self.merge_layer
         ]  # fmt: skip
         try:
@@ -319,7 +331,7 @@ class LayerGroups:
             for handle in handles:
                 handle.remove()
 
-    def _hook(self, index: int, rotary: nn.Module):
+    def _hook(self, index: int, rotary: nn.Module, unused: torch.Tensor | None, text_offset: torch.Tensor | None):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             count = hidden.shape[1]
@@ -329,14 +341,14 @@ class LayerGroups:
                 length = cache.layers[index].get_seq_length() + count
                 slot = torch.arange(length, device=hidden.device)
                 mask = (slot[None, :] <= slot[length - count :, None])[None, None]
-            slot = torch.arange(mask.shape[-1], device=hidden.device)
-            unused = (slot >= self.merged_length) & (slot < self.unmerged_length)
+            hidden_slots = self.unused_slots(mask.shape[-1], hidden.device) if unused is None else unused
             if mask.dtype == torch.bool:
-                kwargs["attention_mask"] = mask & ~unused
+                kwargs["attention_mask"] = mask & ~hidden_slots
             else:  # an additive float mask
-                kwargs["attention_mask"] = mask.masked_fill(unused, torch.finfo(mask.dtype).min)
-            if self.text_offset:
-                kwargs["position_embeddings"] = rotary(hidden, kwargs["position_ids"] - self.text_offset)
+                kwargs["attention_mask"] = mask.masked_fill(hidden_slots, torch.finfo(mask.dtype).min)
+            if self.one_d_positions:
+                offset = self.text_offset if text_offset is None else text_offset
+                kwargs["position_embeddings"] = rotary(hidden, kwargs["position_ids"] - offset)
             return args, kwargs
 
         return hook
@@ -394,5 +406,6 @@ def prefill_from_layer(model: nn.Module, layout, stored, text_before: list[int])
         layer.keys = torch.cat([layer.keys, layer.keys.new_zeros(*layer.keys.shape[:2], unused, layer.keys.shape[3])], 2)
         layer.values = torch.cat([layer.values, layer.values.new_zeros(*layer.values.shape[:2], unused, layer.values.shape[3])], 2)
     unmerged_text_position = layout.unmerged_text_position(stored, text_before, merged)
-    groups = LayerGroups(k, states.shape[0], unmerged_length, unmerged_text_position - merged.text_position)
+    one_d = layout.text_positions(0, 1).dim() == 2
+    groups = LayerGroups(k, states.shape[0], unmerged_length, unmerged_text_position - merged.text_position, one_d)
     return cache, merged, groups, unmerged_text_position

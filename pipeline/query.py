@@ -465,9 +465,7 @@ class QueryEngine:
         count = len(question_ids)
         together = count > 1
         most_steps = max(decoding.max_new_tokens for decoding in decodings) - 1
-        # Static decoding keeps one cache layout for all layers; a prefix merged at layer
-        # k > 0 decodes on the growing cache, under its layer groups' hooks.
-        if self._static_decoder is None or prefix.layer_groups is not None:
+        if self._static_decoder is None:
             logits, owner = self._prompt_logits(prefix, question_ids, first_logits)
 
             def step(tokens: torch.Tensor, positions: list[int], questions: list[int]) -> torch.Tensor:
@@ -736,7 +734,7 @@ class _StaticDecoder:
         for layer, key, value in zip(prefix.cache.layers, keys, values):
             key[:, :, :cached].copy_(layer.keys)
             value[:, :, :cached].copy_(layer.values)
-        return _StaticRun(self, capacity, cached)
+        return _StaticRun(self, capacity, cached, prefix.layer_groups)
 
     def _buffers(self, cache: DynamicCache, capacity: int):
         if capacity not in self.buffers:
@@ -751,11 +749,16 @@ class _StaticDecoder:
         self.buffers[capacity] = self.buffers.pop(capacity)  # most recently used last
         return self.buffers[capacity]
 
-    def step(self, capacity: int, rows: int) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
+    def step(
+        self, capacity: int, rows: int, groups: LayerGroups | None = None
+    ) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
         """The static inputs (``tokens [rows]``, ``positions``, ``mask [1, 1, rows,
-        capacity]``, ``slots [rows]``) of the step of this bucket and the function that
-        runs it (a graph replay on CUDA), returning ``[rows, vocab]`` logits."""
-        key = (capacity, rows)
+        capacity]``, ``slots [rows]``; for a prefix merged at layer k > 0, ``groups``, also
+        ``unused [capacity]`` and ``text_offset``, read by its layer hooks) of the step of
+        this bucket and the function that runs it (a graph replay on CUDA), returning
+        ``[rows, vocab]`` logits."""
+        merge_layer = 0 if groups is None else groups.merge_layer
+        key = (capacity, rows, merge_layer)
         if key not in self.steps:
             engine = self.engine
             device = engine.device
@@ -764,16 +767,21 @@ class _StaticDecoder:
                 positions=engine._positions([0] * rows).clone(),
                 mask=torch.zeros(1, 1, rows, capacity, dtype=torch.bool, device=device),
                 slots=torch.full((rows,), capacity - 1, dtype=torch.long, device=device),
+                unused=torch.zeros(capacity, dtype=torch.bool, device=device),
+                text_offset=torch.zeros((), dtype=torch.long, device=device),
             )
             inputs["mask"][..., 0] = True
             cache = _SlotCache(*self.buffers[capacity], inputs["slots"])
 
             def run() -> torch.Tensor:
                 embeds = engine.model.get_input_embeddings()(inputs["tokens"])[None]
-                output = engine.model(
-                    inputs_embeds=embeds, position_ids=inputs["positions"], attention_mask=inputs["mask"],
-                    use_cache=True, logits_to_keep=rows, **{engine._cache_argument: cache},
-                )  # fmt: skip
+                with contextlib.nullcontext() if groups is None else groups.installed(
+                    text_model_of(engine.model), inputs["unused"], inputs["text_offset"]
+                ):
+                    output = engine.model(
+                        inputs_embeds=embeds, position_ids=inputs["positions"], attention_mask=inputs["mask"],
+                        use_cache=True, logits_to_keep=rows, **{engine._cache_argument: cache},
+                    )  # fmt: skip
                 return output.logits[0]
 
             if self.use_graphs:
@@ -806,8 +814,8 @@ class _StaticRun:
     """The forwards of one ``answer_all`` on a ``_StaticDecoder``'s buffers; slot ``j``
     holds a token of question ``owner[j]`` (-1: the prefix; -2: nothing yet)."""
 
-    def __init__(self, decoder: _StaticDecoder, capacity: int, cached: int):
-        self.decoder, self.capacity, self.next_slot = decoder, capacity, cached
+    def __init__(self, decoder: _StaticDecoder, capacity: int, cached: int, groups: LayerGroups | None = None):
+        self.decoder, self.capacity, self.next_slot, self.groups = decoder, capacity, cached, groups
         self.device = decoder.engine.device
 
     def begin(self, prefix_length: int, owner: list[int]) -> None:
@@ -822,7 +830,10 @@ class _StaticRun:
         ``[k, vocab]`` logits."""
         count = len(questions)
         rows = _bucket(count)
-        inputs, run = self.decoder.step(self.capacity, rows)
+        inputs, run = self.decoder.step(self.capacity, rows, self.groups)
+        if self.groups is not None:  # this video's layer groups, read by the step's layer hooks
+            inputs["unused"].copy_(self.groups.unused_slots(self.capacity, self.device))
+            inputs["text_offset"].fill_(self.groups.text_offset)
         padding = rows - count
         slots = torch.arange(self.next_slot, self.next_slot + count, device=self.device)
         self.next_slot += count

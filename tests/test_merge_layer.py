@@ -219,6 +219,23 @@ def test_layers_below_k_attend_to_the_unmerged_prefix_and_the_rest_to_the_merged
     assert groups.text_offset == expected_offset
 
 
+@pytest.mark.parametrize("family", ["llava-onevision", "qwen2-vl"])
+def test_static_decoding_steps_answer_as_the_growing_cache(model_cache, engines, store, family):
+    """The fixed-capacity cache of static decoding (CUDA graphs replay it on a GPU) under
+    the layer groups' hooks: the answers of the growing cache, for videos merged at either
+    k, one after the other on the same engine (the hooks read per-video tensors)."""
+    static = QueryEngine(f"tiny-random:{family}", dtype=torch.float32, decoding_steps="static")
+    decoding = Decoding(max_new_tokens=MAX_NEW_TOKENS)
+    for k in (1, 2, 1):
+        stored = store.read(f"{family}/k{k}")
+        _, expected = engines[family].prefill_and_answer_all(stored, QUESTIONS, decoding)
+        _, answers = static.prefill_and_answer_all(stored, QUESTIONS, decoding)
+        assert [a.token_ids for a in answers] == [e.token_ids for e in expected]
+        torch.testing.assert_close(torch.tensor([p for a in answers for p in a.token_logprobs]),
+                                   torch.tensor([p for e in expected for p in e.token_logprobs]), rtol=0, atol=1e-5)
+    assert {key[2] for key in static._static_decoder.steps} == {1, 2}
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
