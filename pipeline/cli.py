@@ -76,6 +76,9 @@ def _preprocess_options(command):
         click.option("--tau-s", type=float, help="Fixed spatial threshold instead of a budget."),
         click.option("--tau-t", type=float, help="Fixed temporal threshold (with --tau-s)."),
         click.option("--root-level", type=click.IntRange(min=0), help="STTM root level (default 1)."),
+        click.option("--merge-layer", type=click.IntRange(min=0),
+                     help="Merge the hidden states entering this LLM decoder layer (default 0: the visual "
+                          "embeddings before the LLM; 2 is the paper's 7B setting; stores more per video)."),
         click.option("--frames", type=click.IntRange(min=1), help="Sample this many frames uniformly."),
         click.option("--fps", type=click.FloatRange(min=0, min_open=True), help="Sample at this rate (with --max-frames)."),
         click.option("--max-frames", type=click.IntRange(min=1), help="Upper bound on frames with --fps."),
@@ -167,7 +170,8 @@ def preprocess(input_uri, config_path, as_json, address, **settings):
                 raise click.BadParameter(f"{error}. Give a folder of videos, a glob or a manifest (.parquet, .jsonl "
                                          f"or .csv with a 'uri' column).", param_hint=names["input"]) from None
             except UnsupportedModelError as error:
-                raise click.BadParameter(f"{error}.", param_hint=names["model"]) from None
+                hint = names["merge_layer"] if "merge_layer" in str(error) else names["model"]
+                raise click.BadParameter(f"{error}.", param_hint=hint) from None
             except NotStartedError as error:  # run id, store or Ray unusable: checked before any work
                 click.echo(f"Error: {error}", err=True)
                 raise SystemExit(EXIT_NOT_STARTED) from None

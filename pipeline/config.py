@@ -74,6 +74,9 @@ class PreprocessConfig:
         budget: retention target in (0, 1]; used unless ``tau_s`` is given.
         tau_s, tau_t: fixed STTM thresholds instead of a budget (``tau_t`` optional).
         root_level, weighted, head_dim: STTM options (see ``sttm.merge``).
+        merge_layer: merge the hidden states entering this LLM decoder layer (STTM_SPEC
+            section 6): 0 merges the visual embeddings before the LLM; k > 0 also runs the
+            LLM's first k layers in the encode workers and stores their keys and values.
         frames: uniform sampling of this many frames, or
         fps, max_frames: fixed-rate sampling capped at ``max_frames``;
             neither: the model's own recipe.
@@ -101,6 +104,7 @@ class PreprocessConfig:
     root_level: int = 1
     weighted: bool = False
     head_dim: int | None = None
+    merge_layer: int = 0
     frames: int | None = None
     fps: float | None = None
     max_frames: int | None = None
@@ -130,6 +134,8 @@ class PreprocessConfig:
             raise ConfigError(f"max_failure_rate must be in [0, 1], got {self.max_failure_rate}")
         if self.recycle_workers_after is not None and self.recycle_workers_after < 1:
             raise ConfigError(f"recycle_workers_after must be >= 1 or None, got {self.recycle_workers_after}")
+        if not isinstance(self.merge_layer, int) or self.merge_layer < 0:
+            raise ConfigError(f"merge_layer must be an integer >= 0, got {self.merge_layer!r}")
         if self.encode_workers < 1:
             raise ConfigError(f"encode_workers must be >= 1, got {self.encode_workers}")
         try:

@@ -49,12 +49,15 @@ def config_fingerprint(
     sampling: Mapping[str, Any],
     sttm: Mapping[str, Any],
     merge_layer: int = 0,
+    llm_fingerprint: str | None = None,
 ) -> str:
     """Hex fingerprint of everything besides the video that decides the stored tokens.
 
     ``sampling`` is the frame sampling config (fps, max frames, ...); ``sttm`` the merge
     config as the user gave it (``tau_s``/``tau_t`` or ``budget``, ``root_level``,
-    ``weighted``, ``head_dim``), not thresholds a budget search chose per video.
+    ``weighted``, ``head_dim``), not thresholds a budget search chose per video. At
+    ``merge_layer`` k > 0 the tokens also depend on the LLM's embedding and layers
+    0..k-1: ``llm_fingerprint`` (``pipeline.merge_layer.llm_fingerprint``) is then part of it.
     """
     config = {
         "model_id": model_id,
@@ -64,6 +67,10 @@ def config_fingerprint(
         "sttm": dict(sttm),
         "merge_layer": merge_layer,
     }
+    if merge_layer > 0:
+        if llm_fingerprint is None:
+            raise ValueError(f"merge_layer {merge_layer} needs the LLM layers' fingerprint")
+        config["llm_fingerprint"] = llm_fingerprint
     digest = hashlib.sha256(canonical_json(config).encode("utf-8")).hexdigest()
     return digest[:CONFIG_FINGERPRINT_HEX_DIGITS]
 

@@ -46,7 +46,9 @@ back); prefill again for another thread.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import json
@@ -63,6 +65,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from pipeline import split_kv_attention
+from pipeline.merge_layer import LayerGroups, check_layer_token_set, prefill_from_layer, text_model_of
 from pipeline.models import IncompatibleTokenSetError, load_adapter, prompt_layout, resolve_model
 from pipeline.store import StoredTokenSet, StoreError, TokenStore
 
@@ -163,6 +166,9 @@ class VideoPrefix:
         prefill_s: seconds to build the embeddings and run the LLM over the prefix (from
             ``prefill_and_answer``: over the prefix and the first question's prompt, in the
             one forward that yields the first answer token's logits).
+        layer_groups: for a token set merged at decoder layer k > 0, how layers >= k see
+            the cache (``pipeline.merge_layer``); ``None`` at k = 0. ``length`` and
+            ``text_position`` are then those of the unmerged prefix (layers < k).
     """
 
     video_id: str
@@ -173,6 +179,7 @@ class VideoPrefix:
     text_before_video: tuple[int, ...]
     num_visual_tokens: int
     prefill_s: float
+    layer_groups: LayerGroups | None = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +249,7 @@ class QueryEngine:
         forward_parameters = inspect.signature(self.model.forward).parameters
         self._cache_argument = "cache" if "cache" in forward_parameters else "past_key_values"
         self._encoder_fingerprints: dict[torch.dtype, str] = {}
+        self._llm_fingerprints: dict[tuple[int, torch.dtype], str] = {}
         # Every prompt's text before the video: the question comes after the video.
         self._text_before_video = tuple(self._prompt_ids("")[0])
         self._multimodal_text_positions = self._text_positions(0, 1).dim() == 3
@@ -324,6 +332,8 @@ class QueryEngine:
         ``question_ids`` (none: the prefix alone), these at the positions ``answer`` gives
         them. Returns the prefix, whose cache still holds the question, with ``prefill_s``
         counted from ``start``, and the last position's logits ``[vocab]``."""
+        if stored.merge_layer > 0:
+            return self._prefill_from_layer(stored, question_ids, start)
         layout = self.family.prefix(stored, list(self._text_before_video))
         embeds = torch.cat([layout.embeds, self._embed(question_ids)])[None]  # [1, L + Q, C]
         positions = torch.cat([layout.position_ids, self._text_positions(layout.text_position, len(question_ids))], dim=-1)
@@ -342,11 +352,36 @@ class QueryEngine:
         )
         return prefix, logits
 
+    def _prefill_from_layer(
+        self, stored: StoredTokenSet, question_ids: list[int], start: float
+    ) -> tuple[VideoPrefix, torch.Tensor | None]:
+        """``_prefill`` of a token set merged at decoder layer k > 0: layers < k from its
+        keys and values, layers k.. over its states (``pipeline.merge_layer``), then the
+        question, if any, in a forward of its own (its first-token logits, else None)."""
+        cache, merged, groups, text_position = prefill_from_layer(self.model, self.family, stored, list(self._text_before_video))
+        prefix = VideoPrefix(
+            video_id=stored.video_id,
+            cache=cache,
+            length=groups.unmerged_length,
+            position_ids=merged.position_ids,
+            text_position=text_position,
+            text_before_video=self._text_before_video,
+            num_visual_tokens=stored.num_tokens,
+            prefill_s=0.0,
+            layer_groups=groups,
+        )
+        logits = None
+        if question_ids:
+            with groups.installed(text_model_of(self.model)):
+                logits = self._forward(self._embed(question_ids)[None], self._text_positions(text_position, len(question_ids)), cache)
+        return dataclasses.replace(prefix, prefill_s=self._now() - start), logits
+
     def check(self, stored: StoredTokenSet) -> None:
         """Raise IncompatibleTokenSetError unless ``stored`` holds this model's visual
         tokens: same hidden size, same vision encoder (weights, config and preprocessing,
-        by the encode stage's fingerprint), merged at layer 0, and ``model_extra`` as the
-        model family needs it (e.g. a video grid that matches the token grid)."""
+        by the encode stage's fingerprint), ``model_extra`` as the model family needs it
+        (e.g. a video grid that matches the token grid), and when merged at decoder layer
+        k > 0, the same embedding and layers 0..k-1 and the same text before the video."""
         channels = stored.tokens.features.shape[1]
         if channels != self.hidden_size:
             raise IncompatibleTokenSetError(
@@ -354,10 +389,8 @@ class QueryEngine:
                 f"takes {self.hidden_size} (the store was made for {stored.model_id})"
             )
         if stored.merge_layer != 0:
-            raise IncompatibleTokenSetError(
-                f"video {stored.video_id!r}: tokens merged after decoder layer {stored.merge_layer}; "
-                "only merge_layer 0 (visual embeddings) can be queried"
-            )
+            check_layer_token_set(stored, self.family, text_model_of(self.model), self._text_before_video,
+                                  self._llm_fingerprints, self.model_spec)  # fmt: skip
         fingerprint = self._encoder_fingerprint(stored.tokens.features.dtype)
         if stored.encoder_fingerprint != fingerprint:
             raise IncompatibleTokenSetError(
@@ -582,7 +615,9 @@ class QueryEngine:
         owner = torch.cat([owner, row_owner])
         mask = self._block_mask(prefix.length, owner, row_owner) if together else None
         positions = self._positions(positions)
-        return self._forward(embeds[None], positions, prefix.cache, attention_mask=mask, logits_at=logits_at), owner
+        groups = contextlib.nullcontext() if prefix.layer_groups is None else prefix.layer_groups.installed(text_model_of(self.model))
+        with groups:
+            return self._forward(embeds[None], positions, prefix.cache, attention_mask=mask, logits_at=logits_at), owner
 
     @staticmethod
     def _block_mask(prefix_length: int, owner: torch.Tensor, row_owner: torch.Tensor) -> torch.Tensor:
@@ -824,7 +859,7 @@ class _StaticDecoder:
         for layer, key, value in zip(prefix.cache.layers, keys, values):
             key[:, :, :cached].copy_(layer.keys)
             value[:, :, :cached].copy_(layer.values)
-        return _StaticRun(self, capacity, cached)
+        return _StaticRun(self, capacity, cached, prefix.layer_groups)
 
     def _buffers(self, cache: DynamicCache, capacity: int):
         if capacity not in self.buffers:
@@ -839,11 +874,16 @@ class _StaticDecoder:
         self.buffers[capacity] = self.buffers.pop(capacity)  # most recently used last
         return self.buffers[capacity]
 
-    def step(self, capacity: int, rows: int) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
+    def step(
+        self, capacity: int, rows: int, groups: LayerGroups | None = None
+    ) -> tuple[dict[str, torch.Tensor], Callable[[], torch.Tensor]]:
         """The static inputs (``tokens [rows]``, ``positions``, ``mask [1, 1, rows,
-        capacity]``, ``slots [rows]``) of the step of this bucket and the function that
-        runs it (a graph replay on CUDA), returning ``[rows, vocab]`` logits."""
-        key = (capacity, rows)
+        capacity]``, ``slots [rows]``; for a prefix merged at layer k > 0, ``groups``, also
+        ``unused [capacity]`` and ``text_offset``, read by its layer hooks) of the step of
+        this bucket and the function that runs it (a graph replay on CUDA), returning
+        ``[rows, vocab]`` logits."""
+        merge_layer = 0 if groups is None else groups.merge_layer
+        key = (capacity, rows, merge_layer)
         if key not in self.steps:
             engine = self.engine
             device = engine.device
@@ -852,16 +892,21 @@ class _StaticDecoder:
                 positions=engine._positions([0] * rows).clone(),
                 mask=torch.zeros(1, 1, rows, capacity, dtype=torch.bool, device=device),
                 slots=torch.full((rows,), capacity - 1, dtype=torch.long, device=device),
+                unused=torch.zeros(capacity, dtype=torch.bool, device=device),
+                text_offset=torch.zeros((), dtype=torch.long, device=device),
             )
             inputs["mask"][..., 0] = True
             cache = _SlotCache(*self.buffers[capacity], inputs["slots"])
 
             def run() -> torch.Tensor:
                 embeds = engine.model.get_input_embeddings()(inputs["tokens"])[None]
-                output = engine.model(
-                    inputs_embeds=embeds, position_ids=inputs["positions"], attention_mask=inputs["mask"],
-                    use_cache=True, logits_to_keep=rows, **{engine._cache_argument: cache},
-                )  # fmt: skip
+                with contextlib.nullcontext() if groups is None else groups.installed(
+                    text_model_of(engine.model), inputs["unused"], inputs["text_offset"]
+                ):
+                    output = engine.model(
+                        inputs_embeds=embeds, position_ids=inputs["positions"], attention_mask=inputs["mask"],
+                        use_cache=True, logits_to_keep=rows, **{engine._cache_argument: cache},
+                    )  # fmt: skip
                 return output.logits[0]
 
             if self.use_graphs:
@@ -896,8 +941,8 @@ class _StaticRun:
     """The forwards of one ``answer_all`` on a ``_StaticDecoder``'s buffers; slot ``j``
     holds a token of question ``owner[j]`` (-1: the prefix; -2: nothing yet)."""
 
-    def __init__(self, decoder: _StaticDecoder, capacity: int, cached: int):
-        self.decoder, self.capacity, self.next_slot = decoder, capacity, cached
+    def __init__(self, decoder: _StaticDecoder, capacity: int, cached: int, groups: LayerGroups | None = None):
+        self.decoder, self.capacity, self.next_slot, self.groups = decoder, capacity, cached, groups
         self.device = decoder.engine.device
 
     def begin(self, prefix_length: int, owner: list[int]) -> None:
@@ -912,7 +957,10 @@ class _StaticRun:
         ``[k, vocab]`` logits."""
         count = len(questions)
         rows = _bucket(count)
-        inputs, run = self.decoder.step(self.capacity, rows)
+        inputs, run = self.decoder.step(self.capacity, rows, self.groups)
+        if self.groups is not None:  # this video's layer groups, read by the step's layer hooks
+            inputs["unused"].copy_(self.groups.unused_slots(self.capacity, self.device))
+            inputs["text_offset"].fill_(self.groups.text_offset)
         padding = rows - count
         slots = torch.arange(self.next_slot, self.next_slot + count, device=self.device)
         self.next_slot += count

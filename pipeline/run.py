@@ -37,6 +37,7 @@ from pipeline.config import CPUS_PER_GPU_WORKER, ConfigError, PreprocessConfig, 
 from pipeline.decode import fetch_video
 from pipeline.errors import VideoError
 from pipeline.fingerprint import config_fingerprint, encoder_facts, sampling_policy_from_dict
+from pipeline.merge_layer import layers_fingerprint
 from pipeline.inputs import InputError, VideoInput, list_inputs
 from pipeline.progress import Progress
 from pipeline.stages import (
@@ -209,9 +210,12 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
     policy = config.sampling_policy() or sampling_policy_from_dict(encoder.default_sampling)
     sampling = sampling_dict(policy)
     encoder_fingerprint, model_frame_size = encoder.fingerprint, encoder.input_frame_size
+    # At merge layer k > 0 the tokens also depend on the LLM's embedding and first k layers.
+    llm_fingerprint = layers_fingerprint(config.model, config.merge_layer, config.dtype) if config.merge_layer else None
     fingerprint = config_fingerprint(model_id=config.model, model_revision=None,
                                      encoder_fingerprint=encoder_fingerprint, sampling=sampling,
-                                     sttm=config.sttm_options())
+                                     sttm=config.sttm_options(), merge_layer=config.merge_layer,
+                                     llm_fingerprint=llm_fingerprint)
 
     if progress is not None:
         progress.phase("checking what the store holds")
@@ -249,7 +253,8 @@ def run_preprocess(config: PreprocessConfig, run_id: str | None = None, address:
                                            model=config.model, device=device, dtype=config.dtype,
                                            sttm_options=config.sttm_options(), sampling=sampling,
                                            encoder_fingerprint=encoder_fingerprint, config_fingerprint=fingerprint,
-                                           run_id=run_id, recycle_after=config.recycle_workers_after),
+                                           run_id=run_id, recycle_after=config.recycle_workers_after,
+                                           merge_layer=config.merge_layer, llm_fingerprint=llm_fingerprint),
                 # Elastic down to one actor: a cluster that loses nodes keeps going with what is left.
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.encode_workers), num_gpus=gpus,
                 num_cpus=config.cpus_per_encode_worker)

@@ -25,7 +25,8 @@ import torch
 import sttm
 from pipeline.decode import DecodedVideo, SamplingPolicy, decode_video, fetch_video
 from pipeline.errors import VideoError
-from pipeline.models import load_adapter
+from pipeline.merge_layer import LayerPrefix
+from pipeline.models import load_adapter, resolve_model
 from pipeline.models.base import merge_beside, resize_like_video_processor
 from pipeline.store import DAMAGED, VERIFIED, StoredTokenSet, TokenStore, token_set_key
 from pipeline.uris import redact_urls, sanitize_uri
@@ -176,12 +177,20 @@ class TokenizeStage:
 
     def __init__(self, store_url: str, storage_options: dict, model: str, device: str, dtype: str | None,
                  sttm_options: dict, sampling: dict, encoder_fingerprint: str, config_fingerprint: str, run_id: str,
-                 recycle_after: int | None = None):
+                 recycle_after: int | None = None, merge_layer: int = 0, llm_fingerprint: str | None = None):
         self.lifetime = WorkerLifetime(recycle_after)
         self.adapter = load_adapter(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
         if self.adapter.fingerprint != encoder_fingerprint:
             raise RuntimeError(f"model {model} on this worker has fingerprint {self.adapter.fingerprint}, the job "
                                f"was planned with {encoder_fingerprint}: the checkpoint changed or differs per node")
+        # Merge layer k > 0: the LLM's embedding and first k layers too (pipeline.merge_layer).
+        self.layer_prefix = None
+        if merge_layer:
+            self.layer_prefix = LayerPrefix(model, resolve_model(model), merge_layer, device=device,
+                                            dtype=getattr(torch, dtype) if dtype else None)
+            if self.layer_prefix.fingerprint != llm_fingerprint:
+                raise RuntimeError(f"model {model} on this worker has LLM layers 0..{merge_layer - 1} of fingerprint "
+                                   f"{self.layer_prefix.fingerprint}, the job was planned with {llm_fingerprint}")
         self.store = TokenStore(store_url, storage_options)
         self.model = model
         self.sttm_options = sttm_options
@@ -214,8 +223,17 @@ class TokenizeStage:
         try:
             encoded = self.adapter.encode(video)
             stage = "merge"
-            tokens = self.merge(encoded.tokens)
-            deepstack = None if encoded.deepstack is None else merge_beside(encoded.tokens, encoded.deepstack, tokens).cpu()
+            layer_fields, deepstack = {}, None
+            if self.layer_prefix is None:
+                tokens = self.merge(encoded.tokens)
+                if encoded.deepstack is not None:
+                    deepstack = merge_beside(encoded.tokens, encoded.deepstack, tokens).cpu()
+            else:  # merged inside the LLM, entering decoder layer k
+                states = self.layer_prefix(encoded, self.merge)
+                tokens = states.tokens
+                layer_fields = dict(merge_layer=self.layer_prefix.merge_layer, llm_fingerprint=self.layer_prefix.fingerprint,
+                                    prefix_text_ids=states.text_before_video, prefix_states=states.prefix_states.cpu(),
+                                    layer_kv=states.layer_kv.cpu())
             tokens = tokens.to("cpu")
             stage = "store"
             record = StoredTokenSet(
@@ -223,7 +241,8 @@ class TokenizeStage:
                 model_revision=None, encoder_fingerprint=self.adapter.fingerprint,
                 config_fingerprint=self.config_fingerprint, sampling=self.sampling,
                 frame_indices=video.frame_indices, timestamps=video.timestamps, model_extra=encoded.model_extra,
-                tokens=tokens, pipeline_version=PIPELINE_VERSION, run_id=self.run_id, deepstack=deepstack)
+                tokens=tokens, pipeline_version=PIPELINE_VERSION, run_id=self.run_id, deepstack=deepstack,
+                **layer_fields)
             written = self.store.put(record)
         except Exception as error:  # one bad video (or one failed store request) must not stop the job
             logger.exception("video %s failed at %s", video_id, stage)

@@ -56,6 +56,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import posixpath
 import re
@@ -95,9 +96,11 @@ if sys.byteorder != "little":
 logger = logging.getLogger(__name__)
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TENSOR_COLUMNS = ("features", "frame", "box", "num_patches", "assignment", "deepstack")
-# Optional columns a 2.0 object lacks.
-_COLUMNS_SINCE_2_1 = ("deepstack_levels", "deepstack")
+_TENSOR_COLUMNS = ("features", "frame", "box", "num_patches", "assignment", "deepstack", "prefix_states", "layer_kv")
+# Optional columns older objects lack: 2.0 the DeepStack ones, 3.0 the merge layer's.
+_LAYER_COLUMNS = ("llm_fingerprint", "prefix_text_ids", "prefix_states_rows", "prefix_states", "layer_kv_shape",
+                  "layer_kv", "layer_payload_checksum")
+_OPTIONAL_COLUMNS = ("deepstack_levels", "deepstack", *_LAYER_COLUMNS)
 MANIFEST_STATUSES = ("stored", "skipped", "failed")
 FAILURE_STAGES = ("decode", "encode", "merge", "store")
 
@@ -193,6 +196,18 @@ class StoredTokenSet:
     # [L, N, C] the model's DeepStack levels merged like tokens.features (Qwen3-VL), in
     # the features' dtype; None for models without them.
     deepstack: torch.Tensor | None = None
+    # merge_layer k > 0 only (STTM_SPEC section 6; None at k = 0): tokens.features are the
+    # merged hidden states entering decoder layer k, and these hold the rest of the
+    # prefix: ``llm_fingerprint`` of the LLM's embedding and layers 0..k-1,
+    # ``prefix_text_ids`` the P token ids of the text before the video, ``prefix_states``
+    # [R, C] the hidden states entering layer k of the prefix rows that are not video
+    # tokens (the P text rows, then those after the video), ``layer_kv``
+    # [k, 2, H_kv, L, D] the keys and values of layers 0..k-1 over the unmerged prefix of
+    # L = R + T*H*W rows; all in the features' dtype.
+    llm_fingerprint: str | None = None
+    prefix_text_ids: list[int] | None = None
+    prefix_states: torch.Tensor | None = None
+    layer_kv: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -1232,7 +1247,77 @@ def _encode_token_set(record: StoredTokenSet) -> pa.Buffer:
         "payload_checksum": payload_checksum(tokens) if deepstack is None else payload_checksum(tokens, deepstack),
         "pipeline_version": record.pipeline_version,
     }
-    return _encode_one_row(TOKEN_SET, row, uncompressed=("features", "deepstack"))
+    row.update(_layer_columns(record, tokens))
+    row = {name: row[name] for name in TOKEN_SET.field_names}
+    return _encode_one_row(TOKEN_SET, row, uncompressed=("features", "deepstack", "prefix_states", "layer_kv"))
+
+
+def _layer_columns(record: StoredTokenSet, tokens: TokenSet) -> dict[str, Any]:
+    """The merge layer's columns of ``record`` (all null at merge_layer 0), checked."""
+    parts = dict(llm_fingerprint=record.llm_fingerprint, prefix_text_ids=record.prefix_text_ids,
+                 prefix_states=record.prefix_states, layer_kv=record.layer_kv)
+    if record.merge_layer == 0:
+        if any(value is not None for value in parts.values()):
+            raise ValueError("a token set merged at layer 0 holds no prefix states, layer keys or values")
+        return dict.fromkeys(_LAYER_COLUMNS)
+    missing = [name for name, value in parts.items() if value is None]
+    if record.merge_layer < 0 or missing:
+        raise ValueError(f"a token set merged at layer {record.merge_layer} needs {sorted(parts)}; missing {missing}")
+    n, c = tokens.features.shape
+    states = record.prefix_states.detach().cpu().contiguous()
+    kv = record.layer_kv.detach().cpu().contiguous()
+    rows = states.shape[0]
+    if states.dim() != 2 or states.shape[1] != c or states.dtype != tokens.features.dtype or rows < len(record.prefix_text_ids):
+        raise ValueError(f"prefix_states must be [R >= {len(record.prefix_text_ids)}, {c}] {tokens.features.dtype}, "
+                         f"got {list(states.shape)} {states.dtype}")
+    if (kv.dim() != 5 or kv.shape[:2] != (record.merge_layer, 2) or kv.shape[3] != rows + record.original_tokens
+            or kv.dtype != tokens.features.dtype):
+        raise ValueError(f"layer_kv must be [{record.merge_layer}, 2, H_kv, {rows + record.original_tokens}, D] "
+                         f"{tokens.features.dtype}, got {list(kv.shape)} {kv.dtype}")
+    return {
+        "llm_fingerprint": record.llm_fingerprint,
+        "prefix_text_ids": [int(i) for i in record.prefix_text_ids],
+        "prefix_states_rows": rows,
+        "prefix_states": _one_binary_value(_raw_bytes(states)),
+        "layer_kv_shape": list(kv.shape),
+        "layer_kv": _one_binary_value(_raw_bytes(kv)),
+        "layer_payload_checksum": layer_payload_checksum(states, kv),
+    }
+
+
+def layer_payload_checksum(prefix_states: torch.Tensor, layer_kv: torch.Tensor) -> str:
+    """``"sha256-pieces:<hex>"`` of a merge layer's payload (schemas/README.md): the
+    header line, then the digest of each ``_PIECE_BYTES`` piece of the prefix states'
+    bytes followed by the keys' and values' bytes, hashed in parallel."""
+    header = f"{_dtype_name(prefix_states.dtype)} {'x'.join(map(str, prefix_states.shape))} {'x'.join(map(str, layer_kv.shape))}\n"
+    digest = hashlib.sha256(header.encode())
+    payload = np.concatenate([_raw_bytes(prefix_states), _raw_bytes(layer_kv)])
+    pieces = (payload[offset : offset + _PIECE_BYTES] for offset in range(0, payload.nbytes, _PIECE_BYTES))
+    for piece_digest in _pool().map(_sha256_digest, pieces):
+        digest.update(piece_digest)
+    return f"{_PIECES_CHECKSUM}:{digest.hexdigest()}"
+
+
+def _read_layer_columns(row: dict[str, Any], table: pa.Table, dtype: torch.dtype, c: int, display: str) -> dict[str, Any]:
+    """The merge layer's fields of a read token set (None at merge_layer 0 and in objects
+    older than 3.1), checked against their checksum."""
+    if row.get("layer_payload_checksum") is None:
+        if row["merge_layer"] != 0:
+            raise CorruptObjectError(f"{display}: merged at layer {row['merge_layer']} but holds no layer payload")
+        return {}
+    rows, shape = row["prefix_states_rows"], row["layer_kv_shape"]
+    states_value = _only_chunk(table, "prefix_states")[0].as_buffer()
+    kv_value = _only_chunk(table, "layer_kv")[0].as_buffer()
+    if states_value is None or states_value.size != rows * c * dtype.itemsize:
+        raise CorruptObjectError(f"{display}: prefix_states does not hold {rows}x{c} states")
+    if kv_value is None or len(shape) != 5 or kv_value.size != math.prod(shape) * dtype.itemsize:
+        raise CorruptObjectError(f"{display}: layer_kv does not hold keys and values of shape {shape}")
+    states = torch.frombuffer(bytearray(states_value), dtype=torch.uint8).view(dtype).view(rows, c)
+    kv = torch.frombuffer(bytearray(kv_value), dtype=torch.uint8).view(dtype).view(*shape)
+    if layer_payload_checksum(states, kv) != row["layer_payload_checksum"]:
+        raise CorruptObjectError(f"{display}: layer payload does not match its checksum {row['layer_payload_checksum']}")
+    return dict(llm_fingerprint=row["llm_fingerprint"], prefix_text_ids=row["prefix_text_ids"], prefix_states=states,
+                layer_kv=kv)
 
 
 def _read_token_set(
@@ -1251,7 +1336,7 @@ def _read_token_set(
         metadata = source.footer()
         _check_schema(TOKEN_SET, metadata.metadata, display)
         present = set(metadata.schema.to_arrow_schema().names)
-        missing = [name for name in TOKEN_SET.field_names if name not in present and name not in _COLUMNS_SINCE_2_1]
+        missing = [name for name in TOKEN_SET.field_names if name not in present and name not in _OPTIONAL_COLUMNS]
         if missing:
             raise CorruptObjectError(f"{display} lacks {TOKEN_SET.name} columns {missing}")
         if metadata.num_rows != 1 or metadata.num_row_groups != 1:
@@ -1264,7 +1349,8 @@ def _read_token_set(
     # Small fields become Python values; the tensors come from the column buffers, since
     # an Arrow scalar of a long list would copy it.
     row = {name: table.column(name)[0].as_py() for name in table.column_names if name not in _TENSOR_COLUMNS}
-    row.setdefault("deepstack_levels", None)  # objects of 2.0 and older
+    for name in _OPTIONAL_COLUMNS:  # objects of 2.0 and older lack the DeepStack ones, of 3.0 the layer ones
+        row.setdefault(name, None)
     n, c = row["num_tokens"], row["channels"]
     t, h, w = row["grid"]
     if row["features_dtype"] not in FEATURE_DTYPES:
@@ -1306,6 +1392,7 @@ def _read_token_set(
         actual = _stream_checksum(tokens)
     if actual != checksum:
         raise CorruptObjectError(f"{display}: token payload does not match its checksum {checksum}")
+    layer_fields = _read_layer_columns(row, table, dtype, c, display)
     return StoredTokenSet(
         video_id=identity["video_id"],
         source_uri=identity["source_uri"],
@@ -1325,6 +1412,7 @@ def _read_token_set(
         merge_layer=row["merge_layer"],
         payload_checksum=checksum,
         deepstack=deepstack,
+        **layer_fields,
     )
 
 

@@ -575,7 +575,7 @@ def at_version(schema: schemas.RecordSchema, version: str) -> schemas.RecordSche
 
 
 def test_token_sets_and_index_entries_read_their_older_majors_other_records_only_their_own():
-    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("3.0", (1, 2, 3))
+    assert (schemas.TOKEN_SET.version, schemas.TOKEN_SET.reads_majors) == ("3.1", (1, 2, 3))
     assert (schemas.INDEX_ENTRY.version, schemas.INDEX_ENTRY.reads_majors) == ("2.0", (1, 2))
     for schema in (schemas.RUN_MANIFEST, schemas.FAILURE):
         assert schema.reads_majors == (schema.major,), schema.name

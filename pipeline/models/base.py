@@ -193,6 +193,13 @@ class PromptLayout(ABC):
     """
 
     recurrent_state: ClassVar[bool] = False
+    # Merging inside the LLM at decoder layer k > 0 (STTM_SPEC section 6, pipeline.merge_layer):
+    # whether the family supports it, and if not, why (the refusal's message).
+    supports_merge_layer: ClassVar[bool] = True
+    merge_layer_refusal: ClassVar[str] = ""
+    # Parameters of the full model's inner model (``model.model.<name>``) that ``prefix``
+    # reads besides the embedding, loaded with the first k layers at merge layer k > 0.
+    prefix_parameters: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, tokenizer):
         self.model = model
@@ -213,6 +220,12 @@ class PromptLayout(ABC):
     def text_positions(self, start: int, count: int) -> torch.Tensor:
         """Positions of ``count`` text tokens from ``start``, shaped as ``prefix``'s
         ``position_ids`` (``[1, count]`` or ``[3, 1, count]``), on the model's device."""
+
+    def unmerged_text_position(self, stored, text_before_video: list[int], merged: PrefixLayout) -> int:
+        """Position of the first token after the prefix of ``stored`` had nothing been
+        merged (``merged``: its merged prefix). Default: the merged one, as for multimodal
+        rotary positions, where text keeps its unmerged positions (STTM_SPEC section 5)."""
+        return merged.text_position
 
     def running(self, prefix: PrefixLayout):
         """A context manager around the forward that runs ``prefix`` (possibly followed by

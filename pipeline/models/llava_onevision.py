@@ -145,11 +145,18 @@ class LlavaOnevisionLayout(PromptLayout):
     followed by the one ``image_newline`` embedding (``LlavaOnevisionModel.get_video_features``
     appends it after the last frame), at consecutive 1-D positions."""
 
+    prefix_parameters = ("image_newline",)
+
     def prefix(self, stored, text_before_video: list[int]) -> PrefixLayout:
         features = stored.tokens.features.to(self.model.device, self.model.dtype)  # [N, C]
         embeds = torch.cat([self.embed(text_before_video), features, self.model.model.image_newline[None]])
         length = embeds.shape[0]
         return PrefixLayout(embeds, torch.arange(length, device=self.model.device)[None], text_position=length)
+
+    def unmerged_text_position(self, stored, text_before_video: list[int], merged: PrefixLayout) -> int:
+        """1-D positions: after the text, every unmerged video token and the newline."""
+        t, h, w = stored.tokens.grid
+        return len(text_before_video) + t * h * w + 1
 
     def text_positions(self, start: int, count: int) -> torch.Tensor:
         return torch.arange(start, start + count, device=self.model.device)[None]

@@ -248,6 +248,12 @@ class Qwen3_5Layout(PromptLayout):
     decoder keeps a recurrent state: questions run on copies of the prefix's cache."""
 
     recurrent_state = True
+    # Merging at k > 0 stores keys and values of layers 0..k-1 (STTM_SPEC section 6); this
+    # decoder's linear-attention layers keep a recurrent state instead, which the layer-k
+    # token set has no place for.
+    supports_merge_layer = False
+    merge_layer_refusal = ("Qwen3.5's Gated DeltaNet layers keep a recurrent state, not keys and values, and "
+                           "a layer-k token set stores keys and values of the layers below k; use merge_layer 0")
 
     def check(self, stored) -> None:
         t, h, w = stored.tokens.grid

@@ -255,6 +255,14 @@ class Qwen3VLLayout(PromptLayout):
     ``<|vision_end|>``, at the positions ``get_rope_index`` gives the unmerged prompt; the
     DeepStack levels are added at the merged tokens' rows inside the LLM."""
 
+    # DeepStack adds each level's per-patch features to the video tokens' hidden states
+    # after decoder layers 0..levels-1, inside the very layers a merge at k > 0 would run
+    # unmerged, and STTM_SPEC sections 5-6 define merging them only at k = 0 (before the
+    # LLM); k > 0 is not built for this family.
+    supports_merge_layer = False
+    merge_layer_refusal = ("Qwen3-VL adds DeepStack features inside its first decoder layers, and merging at "
+                           "k > 0 with DeepStack is not defined; use merge_layer 0")
+
     def check(self, stored) -> None:
         t, h, w = stored.tokens.grid
         merge = self.config.vision_config.spatial_merge_size

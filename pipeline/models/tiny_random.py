@@ -27,13 +27,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 TINY_RANDOM_PREFIX = "tiny-random:"
-TINY_RANDOM_VERSION = "1"
+TINY_RANDOM_VERSION = "2"
 SEED = 0
 
 # Large enough for the trained tokenizer (about 300 entries) plus headroom.
 VOCAB_SIZE = 512
 TEXT_SIZES = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1
 )
 
 TOKENIZER_CORPUS = [
