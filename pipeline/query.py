@@ -18,7 +18,8 @@ On CUDA the forwards after the prefill run on a fixed-capacity copy of the cache
 replayed from CUDA graphs, one per (capacity, rows) bucket (``_StaticDecoder``): eager
 transformers spends tens of milliseconds of CPU per forward of a 7B model, which would
 otherwise dominate the answers. Masked attention packs the query heads that share a
-key/value head (``_grouped_query_attention``) instead of copying the keys per head.
+key/value head (``_grouped_query_attention``) instead of copying the keys per head, and
+on CUDA splits the long cache's keys over the whole GPU (``pipeline.split_kv_attention``).
 
 How a prompt is built, for a stored token set of ``N`` merged tokens:
 
