@@ -1,6 +1,6 @@
 """Soak test of the preprocessing job under faults: nothing lost, nothing doubled.
 
-    python -m jobs.soak --videos 320 --out jobs/results/soak_cpu.json
+    python -m jobs.soak --videos 320 --out jobs/results/soak_cpu_320videos.json
 
 Over ``--videos`` real videos (copies of the bundled samples with distinct bytes) plus a
 few bad files, with the ``sttm preprocess`` CLI in subprocesses, each on its own local Ray:
