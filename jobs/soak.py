@@ -1,6 +1,6 @@
 """Soak test of the preprocessing job under faults: nothing lost, nothing doubled.
 
-    python -m jobs.soak --videos 320 --out jobs/results/soak_cpu.json
+    python -m jobs.soak --videos 320 --out jobs/results/soak_cpu_320videos.json
 
 Over ``--videos`` real videos (copies of the bundled samples with distinct bytes) plus a
 few bad files, with the ``sttm preprocess`` CLI in subprocesses, each on its own local Ray:
@@ -15,7 +15,8 @@ few bad files, with the ``sttm preprocess`` CLI in subprocesses, each on its own
 
 Checks: the manifests of B, C and D each hold every input exactly once as stored, skipped
 or failed, failed only for the bad files (with a failure record each); B and C overlapped
-(both alive while token sets were added) and every good video A left is stored by B or C;
+(both running while token sets were added, and each wrote index entries while the other
+was writing them) and every good video A left is stored by B or C;
 nothing is doubled: the store holds exactly one token set object and one index entry per
 good video, and the bytes of the token sets added while B and C ran equal B's plus C's
 ``bytes_written`` (token sets are create-only: of two runs racing on one video, one
