@@ -283,6 +283,8 @@ HUB_KEY_RENAMES = {
     "qwen2.5-vl": [(r"^model\.visual\.", "visual."), (r"^model\.language_model\.", "model.")],
     "qwen3-vl": [],  # the hub checkpoints use the in-memory names
     "qwen3-vl-moe": [],
+    "qwen3.5": [],  # as Qwen3-VL (the hub checkpoints' extra `mtp.*` weights are not the vision side's)
+    "qwen3.5-moe": [],
 }
 
 
