@@ -38,10 +38,9 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from torch import nn
 from safetensors import safe_open
+from torch import nn
 from transformers import MODEL_MAPPING, AutoConfig, AutoModel, AutoTokenizer, DynamicCache, ProcessorMixin
-
 from transformers.utils import cached_file
 
 from pipeline.fingerprint import canonical_json

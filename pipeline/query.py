@@ -38,6 +38,10 @@ How a prompt is built, for a stored token set of ``N`` merged tokens:
    What replaces the placeholder and at which positions is the model family's
    ``PromptLayout`` (``pipeline.models``); this module never looks at the model type.
 
+A token set merged inside the LLM at decoder layer k > 0 (STTM_SPEC section 6) prefills
+from its stored keys and values (layers < k) and states (layers >= k), and its questions
+run under the layer hooks of ``pipeline.merge_layer.LayerGroups`` (``VideoPrefix.layer_groups``).
+
 Decoding is a plain loop over the model's forward (greedy, or sampling with a
 temperature, per question: ``Decoding``) rather than ``generate``: ``generate`` derives
 positions itself, which is right for 1-D positions but not for merged 3-D ones.

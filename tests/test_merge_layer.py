@@ -14,12 +14,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
 
+import schemas
 import sttm
+from pipeline import store as store_module
 from pipeline.cli import main
 from pipeline.config import ConfigError, PreprocessConfig
 from pipeline.fingerprint import config_fingerprint
@@ -291,6 +295,38 @@ def test_a_layer_token_set_round_trips_and_a_damaged_layer_payload_is_refused(st
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptObjectError, match=re.escape(key)):  # Parquet's page CRC or the layer checksum
         copy.read(stored.video_id)
+
+
+def test_token_sets_of_schema_3_0_are_still_read(store, tmp_path, monkeypatch):
+    """A token set as sttm-pipeline wrote it before 3.1 (without the merge layer's
+    columns) reads as merged at layer 0; one that claims a merge layer without them is
+    refused."""
+    spec = json.loads((Path(__file__).parent / "data" / "legacy_schemas" / "token_set_3.0.json").read_text())
+    old_schema = schemas.RecordSchema(name=spec["name"], version="3.0", description=spec["description"],
+                                      fields=tuple(schemas._field_spec(f) for f in spec["fields"]), reads_majors=(1, 2, 3))
+    encode = store_module._encode_one_row
+
+    def encode_as_3_0(schema, row, uncompressed=()):
+        if schema.name != "token_set":  # index entries as they are
+            return encode(schema, row, uncompressed)
+        return encode(old_schema, {name: row[name] for name in old_schema.field_names}, uncompressed)
+
+    monkeypatch.setattr(store_module, "_encode_one_row", encode_as_3_0)
+    layered = store.read("qwen2-vl/k1")
+    at_k0 = dataclasses.replace(layered, merge_layer=0, llm_fingerprint=None, prefix_text_ids=None, prefix_states=None,
+                                layer_kv=None, config_fingerprint="0" * 16)  # fmt: skip
+    old_store = TokenStore(str(tmp_path))
+    key = old_store.write(at_k0)
+    old_store.write(dataclasses.replace(layered, video_id="claims-k1", config_fingerprint="1" * 16))  # columns dropped
+    monkeypatch.undo()
+
+    assert pq.read_metadata(tmp_path / key).metadata[b"sttm.schema_version"] == b"3.0"
+    assert "layer_kv" not in pq.read_schema(tmp_path / key).names
+    read = old_store.read(at_k0.video_id)
+    assert read.merge_layer == 0 and read.layer_kv is None and read.prefix_states is None and read.llm_fingerprint is None
+    assert torch.equal(read.tokens.features, at_k0.tokens.features)
+    with pytest.raises(CorruptObjectError, match="merged at layer 1 but holds no layer payload"):
+        old_store.read("claims-k1")
 
 
 def test_config_fingerprint_at_k_0_is_unchanged_and_covers_the_llm_layers_at_k_above_0():
