@@ -84,8 +84,17 @@ def test_pyarrow_snippet(quick_start_store):
     assert torch.equal(features.view(bits), expected.view(bits))
 
 
-def test_ray_data_snippet(quick_start_store, local_ray):
-    namespace, printed = run_snippet(readme_snippets()["ray"])
+def test_ray_data_snippet(quick_start_store):
+    import ray
+
+    # A Ray of its own, started in the quick start's folder as a user's would be: its
+    # workers resolve the snippet's relative "sttm-store" there (the session's shared
+    # cluster started elsewhere).
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        namespace, printed = run_snippet(readme_snippets()["ray"])
+    finally:
+        ray.shutdown()
     # Three distinct (content, config) pairs; four (id, config) rows: nothing else mixed in.
     assert (namespace["token_sets"], namespace["video_ids"]) == (3, 4)
     assert "4 video ids, 3 token sets" in printed
