@@ -11,7 +11,10 @@ prefix and its own question's tokens only, so each answer is the one the questio
 alone (STTM_SPEC section 7). Afterwards the cache is cropped back to the prefix.
 ``QueryEngine.prefill_and_answer_all`` does both for a video not yet prefilled, with the
 first question's prompt in the prefill's forward: attention is causal, so the prefix's
-keys and values do not depend on it. (Query-aware token reduction cannot share a prefix:
+keys and values do not depend on it. Models whose cache holds a recurrent state
+(``PromptLayout.recurrent_state``, e.g. Qwen3.5's linear-attention layers) can neither be
+cropped nor packed: their prefix is prefilled alone and never changed, and each question
+runs on its own copy of its cache, as one row of a batch (``_QuestionRows``). (Query-aware token reduction cannot share a prefix:
 its video tokens depend on the question.)
 
 On CUDA the forwards after the prefill run on a fixed-capacity copy of the cache and are
