@@ -345,10 +345,11 @@ def test_config_fingerprint_at_k_0_is_unchanged_and_covers_the_llm_layers_at_k_a
 # ---------------------------------------------------------------------------- end to end
 
 
-def test_preprocess_at_merge_layer_2_then_query(model_cache, tmp_path):
+def test_preprocess_at_merge_layer_2_then_query(model_cache, ray_cluster, tmp_path):
     store_url, questions_path, out_path = tmp_path / "store", tmp_path / "questions.jsonl", tmp_path / "answers.jsonl"
     result = CliRunner().invoke(main, ["preprocess", "--model", "tiny-random:llava-onevision", "--output", str(store_url),
-                                       "--frames", "2", "--budget", "0.5", "--merge-layer", "2", "--json"])  # fmt: skip
+                                       "--frames", "2", "--budget", "0.5", "--merge-layer", "2", "--address", ray_cluster.address,
+                                       "--json"])  # fmt: skip (on the session's cluster: no second Ray beside it)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     store = TokenStore(str(store_url))

@@ -16,6 +16,7 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import connected_to
 from pipeline.models import IncompatibleTokenSetError, load_adapter, resolve_model
 from pipeline.query import Decoding, QueryEngine, _copy_of_cache
 from pipeline.store import TokenStore
@@ -176,13 +177,11 @@ def test_static_decoding_steps_are_refused_for_a_recurrent_state(qwen3_5):
         QueryEngine("tiny-random:qwen3.5", dtype=torch.float32, decoding_steps="static")
 
 
-def test_preprocess_on_the_models_own_sampling_stores_queries_and_draws_both_samples(tmp_path):
+def test_preprocess_on_the_models_own_sampling_stores_queries_and_draws_both_samples(ray_cluster, tmp_path):
     """The preprocess job (real local Ray, decode and encode actors) on the bundled videos
     with the tiny Qwen3.5 and its own sampling recipe (2 fps, one size per clip): every
     video stored without DeepStack, one timestamp per temporal patch, queryable, and drawn
     by the visualiser (one panel per temporal patch, up to its default 8)."""
-    import ray
-
     from pipeline.config import PreprocessConfig
     from pipeline.decode import decode_video
     from pipeline.run import run_preprocess
@@ -191,11 +190,8 @@ def test_preprocess_on_the_models_own_sampling_stores_queries_and_draws_both_sam
 
     store_dir = tmp_path / "store"
     config = PreprocessConfig(input=str(SAMPLE_DIR), output=str(store_dir), model="tiny-random:qwen3.5", progress=False)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    try:
+    with connected_to(ray_cluster):
         summary = run_preprocess(config)
-    finally:
-        ray.shutdown()
     assert (summary.stored, summary.failed) == (2, 0), summary.failures
 
     store = TokenStore(str(store_dir))
