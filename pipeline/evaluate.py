@@ -33,7 +33,7 @@ from typing import Any
 
 from pipeline.fingerprint import canonical_json
 from pipeline.query import QueryEngine, Question, QuestionResult, answer_questions, prefix_reuse_timings
-from pipeline.query_job import Answerer, QueryKey, open_for_appending
+from pipeline.query_job import Answerer, QueryKey, open_for_appending, read_output
 from pipeline.store import TokenStore
 
 # Video-MME's category fields; each is reported where the records have it.
@@ -283,7 +283,7 @@ def run_eval(benchmark: list[MultipleChoiceQuestion], out_path: str | Path, key:
     questions answered before.
     """
     key_json = key.to_json()
-    earlier, written_errors = _read_eval_output(out_path, canonical_json(key_json))
+    earlier, written_errors = read_output(out_path, canonical_json(key_json), id_field="question_id", answer_field="response")
     rows = [_scored(item, earlier[item.question_id]["response"]) | _kept_timings(earlier[item.question_id])
             for item in benchmark if item.question_id in earlier]
     pending = [question for question, item in zip(benchmark_questions(benchmark), benchmark)
@@ -301,29 +301,6 @@ def run_eval(benchmark: list[MultipleChoiceQuestion], out_path: str | Path, key:
             out.write(line + "\n")
             out.flush()
     return score_rows(benchmark, rows, prefix_reuse_timings(results)), len(earlier)
-
-
-def _read_eval_output(out_path: str | Path, key: str) -> tuple[dict[str, dict[str, Any]], set[str]]:
-    """The answer rows under ``key`` in an existing output file, by question id (the first
-    of each), and its error rows as canonical JSON. Lines that do not parse are skipped."""
-    answered: dict[str, dict[str, Any]] = {}
-    errors: set[str] = set()
-    path = Path(out_path)
-    if not path.exists():
-        return answered, errors
-    with open(path, encoding="utf-8") as lines:
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(row, dict):
-                continue
-            if "error" in row:
-                errors.add(canonical_json(row))
-            elif isinstance(row.get("response"), str) and canonical_json(row.get("key")) == key:
-                answered.setdefault(str(row.get("question_id")), row)
-    return answered, errors
 
 
 _TIMING_KEYS = ("num_visual_tokens", "load_s", "prefill_s", "ttft_s", "total_s", "prefix_reused")

@@ -264,12 +264,15 @@ class QueryEngine:
         # Questions answered together run under block masks (see `_grouped_query_attention`).
         self.model.config.get_text_config()._attn_implementation = GROUPED_QUERY_ATTENTION
         if decoding_steps == "auto":
-            decoding_steps = "graphs" if self.device.type == "cuda" and not self.family.recurrent_state else "dynamic"
+            decoding_steps = "graphs" if self.device.type == "cuda" and self.family.graph_capturable else "dynamic"
         if decoding_steps != "dynamic" and self.family.recurrent_state:
             raise ValueError(
                 f"{model_spec}: its LLM keeps a recurrent state, which the fixed-capacity caches do not hold; "
                 f"decoding_steps {decoding_steps!r} is not available for it (use 'auto' or 'dynamic')"
             )
+        if decoding_steps == "graphs" and not self.family.graph_capturable:
+            raise ValueError(f"{model_spec}: its decoding step cannot be captured as a CUDA graph; use decoding_steps "
+                             "'auto', 'dynamic' or 'static'")
         if decoding_steps == "graphs" and self.device.type != "cuda":
             raise ValueError(f"decoding_steps 'graphs' needs a CUDA device, got {self.device}")
         self._static_decoder = None if decoding_steps == "dynamic" else _StaticDecoder(self, use_graphs=decoding_steps == "graphs")

@@ -117,7 +117,7 @@ def run_query(questions_path: str | Path, out_path: str | Path, key: QueryKey, a
         raise ValueError(f"{questions_path} holds no questions{details}")
     questions, repeated = _unique_string_ids(questions)
     key_json = key.to_json()
-    answered, written_errors = _read_output(out_path, canonical_json(key_json))
+    answered, written_errors = read_output(out_path, canonical_json(key_json), id_field="id", answer_field="answer")
     pending = [question for question in questions if question.id not in answered]
 
     problems: list[dict[str, Any]] = []
@@ -164,11 +164,15 @@ def _unique_string_ids(questions: list[Question]) -> tuple[list[Question], list[
     return unique, repeated
 
 
-def _read_output(out_path: str | Path, key: str) -> tuple[set[str], set[str]]:
-    """Ids answered under ``key`` in an existing output file, and its error lines (as
-    canonical JSON). A line that does not parse (the last one of a killed run, cut short)
-    is skipped: its question is answered again."""
-    answered: set[str] = set()
+def read_output(
+    out_path: str | Path, key: str, *, id_field: str, answer_field: str
+) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """The rows of an existing output file answered under ``key`` (they hold a string
+    ``answer_field``), by their ``id_field`` (the first row of each id), and its error rows
+    as canonical JSON. A line that does not parse (the last one of a killed run, cut short)
+    is skipped: its question is answered again. Shared by ``sttm query`` (``id``/``answer``)
+    and ``sttm eval`` (``question_id``/``response``)."""
+    answered: dict[str, dict[str, Any]] = {}
     errors: set[str] = set()
     path = Path(out_path)
     if not path.exists():
@@ -176,15 +180,15 @@ def _read_output(out_path: str | Path, key: str) -> tuple[set[str], set[str]]:
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             try:
-                record = json.loads(line)
+                row = json.loads(line)
             except ValueError:
                 continue
-            if not isinstance(record, dict):
+            if not isinstance(row, dict):
                 continue
-            if "error" in record:
-                errors.add(canonical_json(record))
-            elif "answer" in record and canonical_json(record.get("key")) == key:
-                answered.add(str(record.get("id")))
+            if "error" in row:
+                errors.add(canonical_json(row))
+            elif isinstance(row.get(answer_field), str) and canonical_json(row.get("key")) == key:
+                answered.setdefault(str(row.get(id_field)), row)
     return answered, errors
 
 

@@ -184,3 +184,14 @@ def test_cuda_graphs_need_a_cuda_device(model_cache):  # noqa: F811
         QueryEngine("tiny-random:qwen2-vl", dtype=torch.float32, decoding_steps="graphs")
     with pytest.raises(ValueError, match="decoding_steps must be one of"):
         QueryEngine("tiny-random:qwen2-vl", dtype=torch.float32, decoding_steps="fast")
+
+
+def test_a_model_whose_step_cannot_be_captured_is_not_given_graphs(model_cache):  # noqa: F811
+    """Qwen3-VL-MoE routes tokens to its experts on the host, which CUDA graph capture
+    refuses (seen on an H200): asking for graphs is refused for it whatever the device,
+    and its default is eager steps; the dense model only needs a CUDA device."""
+    with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
+        QueryEngine("tiny-random:qwen3-vl-moe", dtype=torch.float32, decoding_steps="graphs")
+    assert QueryEngine("tiny-random:qwen3-vl-moe", dtype=torch.float32).family.graph_capturable is False
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        QueryEngine("tiny-random:qwen3-vl", dtype=torch.float32, decoding_steps="graphs")

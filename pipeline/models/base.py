@@ -206,6 +206,14 @@ class PromptLayout(ABC):
         self.config = model.config
         self.tokenizer = tokenizer
 
+    @property
+    def graph_capturable(self) -> bool:
+        """Whether the LLM's decoding step can be captured as a CUDA graph (the query
+        stage's default on CUDA): not with a recurrent state (the fixed-capacity caches hold
+        keys and values only), nor where the forward reads device data back to the host,
+        which capture refuses (a family says so for such models)."""
+        return not self.recurrent_state
+
     def check(self, stored) -> None:
         """Raise IncompatibleTokenSetError when ``stored.model_extra`` does not describe
         ``stored.tokens`` the way this family needs (the caller checked channels and

@@ -263,6 +263,12 @@ class Qwen3VLLayout(PromptLayout):
     merge_layer_refusal = ("Qwen3-VL adds DeepStack features inside its first decoder layers, and merging at "
                            "k > 0 with DeepStack is not defined; use merge_layer 0")
 
+    @property
+    def graph_capturable(self) -> bool:
+        # Qwen3-VL-MoE's experts run in a loop over the experts its tokens were routed to,
+        # which reads the routing back to the host: CUDA graph capture refuses it.
+        return getattr(self.config.get_text_config(), "num_experts", 0) == 0
+
     def check(self, stored) -> None:
         t, h, w = stored.tokens.grid
         merge = self.config.vision_config.spatial_merge_size
