@@ -39,23 +39,12 @@ import torch
 import transformers
 
 import sttm
+from jobs.bench_query import QUESTIONS
 from jobs.bench_sttm import synthetic_video
 from pipeline.decode import DecodedVideo
 from pipeline.models.base import EncodedVideo
 from pipeline.store import StoredTokenSet, TokenStore
 
-QUESTIONS = [
-    "What is happening in this video?",
-    "Describe the video in detail, frame by frame.",
-    "How many people appear in the video, and what are they doing?",
-    "What color is the largest object in the scene?",
-    "Where does the video take place?",
-    "What happens at the end of the video?",
-    "Is the camera moving or static?",
-    "Summarize the video in one sentence.",
-    "What is the first thing that moves?",
-    "Which objects appear more than once?",
-]
 # LLaVA-OneVision-7B (Qwen2-7B decoder) and its 14x14 pooled grid per frame.
 SHAPES_7B = dict(channels=3584, kv_heads=4, head_dim=128, itemsize=2, grid=14)
 # Per merged token: frame, box (4), num_patches, int32; per patch: assignment, int32.
